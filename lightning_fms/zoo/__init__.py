@@ -1,0 +1,37 @@
+"""Small CPU-fast architectures, the digits demo task, the fine-tuning module and the hub builder."""
+
+from lightning_fms.zoo.build import (
+    DEFAULT_DEMO_EPOCHS,
+    DEMO_HUB_SPECS,
+    build_demo_hub,
+    build_hub,
+    default_cache_dir,
+    load_or_build_hub,
+    quiet_lightning,
+)
+from lightning_fms.zoo.classifier import ImageClassifier
+from lightning_fms.zoo.cnn import SmallCNN
+from lightning_fms.zoo.deepsets import DeepSets
+from lightning_fms.zoo.digits import DigitsDataModule, load_digits_task
+from lightning_fms.zoo.mlp import MLP
+from lightning_fms.zoo.resnet import BasicBlock, TinyResNet
+from lightning_fms.zoo.vit import TinyViT
+
+__all__ = [
+    "DEFAULT_DEMO_EPOCHS",
+    "DEMO_HUB_SPECS",
+    "MLP",
+    "BasicBlock",
+    "DeepSets",
+    "DigitsDataModule",
+    "ImageClassifier",
+    "SmallCNN",
+    "TinyResNet",
+    "TinyViT",
+    "build_demo_hub",
+    "build_hub",
+    "default_cache_dir",
+    "load_or_build_hub",
+    "load_digits_task",
+    "quiet_lightning",
+]
