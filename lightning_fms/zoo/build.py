@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import inspect
@@ -10,7 +9,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub, _import_module_class, sha256_file
 from lightning_fms.quiet import quiet_lightning
+from lightning_fms.threads import torch_threads
 
 __all__ = [
     "DEFAULT_DEMO_EPOCHS",
@@ -64,20 +64,6 @@ def default_cache_dir() -> Path:
     """Return ``$LIGHTNING_FMS_CACHE`` or ``~/.cache/lightning_fms``."""
     env = os.environ.get("LIGHTNING_FMS_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_fms"
-
-
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (``None`` leaves it alone)."""
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check_spec(spec: Mapping[str, Any], index: int) -> None:
@@ -170,7 +156,7 @@ def build_hub(
         init_args = _init_args(spec, datamodule.image_size, datamodule.num_classes)
         cls = _import_module_class(spec["class_path"], f"hub spec {spec['name']!r}")
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), quiet_lightning(), _torch_threads(num_threads):
+        with torch.random.fork_rng(devices=[]), quiet_lightning(), torch_threads(num_threads):
             torch.manual_seed(entry_seed)
             net = cls(**init_args)
             module = ImageClassifier(

@@ -1,0 +1,145 @@
+"""Row alignment: turning trials and candidates into surrogate rows without leaking the future.
+
+The row that predicts epoch ``k`` of a configuration sees:
+
+* the configuration (encoded to the unit cube),
+* the budget ``k / cap``,
+* the scores of epochs ``1 .. k-1`` (never epoch ``k`` itself),
+* the weights after epoch ``k-1``: for ``k == 1`` the pretrained weights of the configuration's hub
+  entry (free in a model-hub setting), else the trial's snapshot after epoch ``k-1``.
+
+Training rows are every observed (trial, epoch); a paused trial's candidate row predicts epoch ``b+1``
+from ``y_1 .. y_b`` and ``W_b``; a fresh configuration's row predicts epoch 1 from an empty curve and
+its hub entry's pretrained weights. Upstream FMS paired every row with the *latest* checkpoint and
+gave unstarted configurations the checkpoint after epoch 1; neither happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_fms.space import SearchSpace
+from lightning_fms.surrogate._base import SurrogateRows
+from lightning_fms.trial import Trial, TrialStatus, to_score
+
+WeightKey = tuple[Hashable, ...]
+ModuleProvider = Callable[[WeightKey, dict[str, Any]], nn.Module]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A possible next step: train ``epoch`` of ``trial_id``, or of a fresh configuration when ``trial_id`` is None."""
+
+    trial_id: int | None
+    config: dict[str, Any]
+    epoch: int
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row before encoding: predict ``epoch`` of ``config`` from ``curve`` (scores before it) and ``weight_key``."""
+
+    config: dict[str, Any]
+    epoch: int
+    curve: tuple[float, ...]
+    weight_key: WeightKey
+
+
+def pretrained_key(space: SearchSpace, config: dict[str, Any]) -> WeightKey:
+    """Key of the pretrained weights a configuration starts from."""
+    return ("hub", str(config[space.hub_key]) if space.hub_key else "")
+
+
+def weight_key_before(space: SearchSpace, trial_id: int, config: dict[str, Any], epoch: int) -> WeightKey:
+    """Key of the weights a row predicting ``epoch`` may see: those after ``epoch - 1``."""
+    if epoch <= 1:
+        return pretrained_key(space, config)
+    return ("trial", trial_id, epoch - 1)
+
+
+def training_specs(space: SearchSpace, trials: Sequence[Trial], mode: str) -> tuple[list[RowSpec], list[float]]:
+    """One row per observed epoch of every trial (running ones excluded), with its score as target."""
+    specs: list[RowSpec] = []
+    targets: list[float] = []
+    for trial in trials:
+        if trial.status == TrialStatus.RUNNING:
+            continue
+        scores = [to_score(v, mode) for v in trial.values]
+        for k, score in enumerate(scores, start=1):
+            if score == -float("inf"):
+                break
+            specs.append(
+                RowSpec(trial.config, k, tuple(scores[: k - 1]), weight_key_before(space, trial.id, trial.config, k))
+            )
+            targets.append(score)
+    return specs, targets
+
+
+def candidate_specs(
+    space: SearchSpace, candidates: Sequence[Candidate], trials: dict[int, Trial], mode: str
+) -> list[RowSpec]:
+    """Rows that predict each candidate's next epoch from what has been paid for."""
+    specs = []
+    for cand in candidates:
+        if cand.trial_id is None:
+            specs.append(RowSpec(cand.config, 1, (), pretrained_key(space, cand.config)))
+            continue
+        trial = trials[cand.trial_id]
+        if cand.epoch != trial.epochs + 1:
+            raise ValueError(f"candidate for trial {trial.id} must be epoch {trial.epochs + 1}, got {cand.epoch}")
+        scores = tuple(to_score(v, mode) for v in trial.values)
+        specs.append(
+            RowSpec(trial.config, cand.epoch, scores, weight_key_before(space, trial.id, trial.config, cand.epoch))
+        )
+    return specs
+
+
+def encode_rows(
+    space: SearchSpace, specs: Sequence[RowSpec], cap: int, modules: ModuleProvider | None = None
+) -> SurrogateRows:
+    """Encode row specs into a :class:`SurrogateRows` batch.
+
+    Args:
+        space: The search space (encodes configurations).
+        specs: ``N`` rows.
+        cap: The per-trial epoch cap ``L`` (curve width and budget scale).
+        modules: Returns the module (architecture + weights) for a weight key; ``None`` leaves weights out.
+
+    Returns:
+        Rows with ``x`` ``[N, space.dim]``, ``budget`` ``[N]``, ``curves`` ``[N, cap]``.
+    """
+    n = len(specs)
+    x = space.encode_many([s.config for s in specs]).float()
+    budget = torch.tensor([s.epoch / cap for s in specs], dtype=torch.float32)
+    curves = torch.zeros(n, cap, dtype=torch.float32)
+    lengths = torch.zeros(n, dtype=torch.long)
+    for i, spec in enumerate(specs):
+        if spec.curve:
+            curves[i, : len(spec.curve)] = torch.tensor(spec.curve, dtype=torch.float32)
+        lengths[i] = len(spec.curve)
+    if modules is None:
+        return SurrogateRows(x=x, budget=budget, curves=curves, curve_lengths=lengths)
+    keys: list[WeightKey] = []
+    index_of: dict[WeightKey, int] = {}
+    weights: list[nn.Module] = []
+    weight_index = torch.zeros(n, dtype=torch.long)
+    for i, spec in enumerate(specs):
+        if spec.weight_key not in index_of:
+            index_of[spec.weight_key] = len(keys)
+            keys.append(spec.weight_key)
+            weights.append(modules(spec.weight_key, spec.config))
+        weight_index[i] = index_of[spec.weight_key]
+    return SurrogateRows(
+        x=x,
+        budget=budget,
+        curves=curves,
+        curve_lengths=lengths,
+        weight_index=weight_index,
+        weights=weights,
+        weight_keys=keys,
+    )

@@ -1,0 +1,341 @@
+"""The freeze-thaw optimizer: candidates, budget accounting and the ask/tell protocol.
+
+Usable without Lightning::
+
+    opt = FreezeThawOptimizer(space, budget=100, max_epochs_per_trial=20, searcher=RandomSearcher())
+    while (suggestion := opt.ask()) is not None:
+        value = train_one_epoch(suggestion.config, suggestion.trial_id, suggestion.epoch)
+        opt.tell(suggestion.trial_id, suggestion.epoch, value)
+
+Each decision buys exactly one epoch of one trial: a fresh configuration's first epoch, or the next
+epoch of a paused trial. The candidate set is every paused trial at its budget + 1 plus
+``num_fresh_candidates`` fresh configurations at epoch 1. The budget counts epochs actually trained
+(a failed epoch counts: it cost the compute), so the study stops exactly at it.
+
+All randomness derives from ``(seed, decision index)``; with the state from :meth:`state_dict` a study
+restarted after a crash makes the very decisions it would have made had it never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from lightning_fms.errors import FMSError
+from lightning_fms.rows import Candidate, ModuleProvider
+from lightning_fms.searcher import Searcher, SelectionContext
+from lightning_fms.seeding import derive_seed
+from lightning_fms.space import SearchSpace
+from lightning_fms.trial import Trial, TrialStatus, to_score
+
+STATE_VERSION = 1
+
+
+class SuggestionKind(str, Enum):
+    """What a suggestion asks for."""
+
+    START = "start"
+    RESUME = "resume"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Train epoch ``epoch`` (1-based) of trial ``trial_id``, whose configuration is ``config``.
+
+    ``kind`` is ``START`` for a trial's first epoch (from the hub entry's pretrained weights) and
+    ``RESUME`` for a later one (from the trial's checkpoint after ``epoch - 1``).
+    """
+
+    kind: SuggestionKind
+    trial_id: int
+    config: dict[str, Any]
+    epoch: int
+    decision: int
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The best recorded value: ``value`` after ``epoch`` of trial ``trial_id``."""
+
+    trial_id: int
+    epoch: int
+    value: float
+
+
+class FreezeThawOptimizer:
+    """Ask/tell core of the tuner: one epoch of one trial per decision.
+
+    Args:
+        space: The search space.
+        searcher: Chooses among candidates (see :mod:`lightning_fms.searcher`).
+        budget: Total epochs to train over all trials (>= 1).
+        max_epochs_per_trial: Per-trial epoch cap (>= 1); also the horizon of each trial's LR schedule.
+        mode: ``"max"`` or ``"min"`` for the monitored metric.
+        seed: Seeds every random choice.
+        num_fresh_candidates: Fresh configurations sampled per decision.
+        num_startup_trials: The first decisions start this many random configurations before the
+            searcher is asked.
+        max_paused_trials: Keep at most this many paused trials (and their checkpoints); beyond it the
+            paused trial with the worst latest score is stopped. ``None``: no limit.
+        modules: Builds a module for a weight key (needed when the searcher uses weights).
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        searcher: Searcher,
+        *,
+        budget: int,
+        max_epochs_per_trial: int,
+        mode: str = "max",
+        seed: int = 0,
+        num_fresh_candidates: int = 64,
+        num_startup_trials: int = 2,
+        max_paused_trials: int | None = None,
+        modules: ModuleProvider | None = None,
+    ) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise FMSError(f"budget must be an integer >= 1 epoch, got {budget!r}")
+        if (
+            isinstance(max_epochs_per_trial, bool)
+            or not isinstance(max_epochs_per_trial, int)
+            or max_epochs_per_trial < 1
+        ):
+            raise FMSError(f"max_epochs_per_trial must be an integer >= 1, got {max_epochs_per_trial!r}")
+        if mode not in ("max", "min"):
+            raise FMSError(f"mode must be 'max' or 'min', got {mode!r}")
+        if num_fresh_candidates < 1:
+            raise FMSError(f"num_fresh_candidates must be >= 1, got {num_fresh_candidates}")
+        if max_paused_trials is not None and max_paused_trials < 1:
+            raise FMSError(f"max_paused_trials must be >= 1 or None, got {max_paused_trials}")
+        self.space = space
+        self.searcher = searcher
+        self.budget = budget
+        self.cap = max_epochs_per_trial
+        self.mode = mode
+        self.seed = int(seed)
+        self.num_fresh_candidates = num_fresh_candidates
+        self.num_startup_trials = num_startup_trials
+        self.max_paused_trials = max_paused_trials
+        self.modules = modules
+        self.trials: dict[int, Trial] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self.epochs_spent = 0
+        self._pending: Suggestion | None = None
+        self._pending_info: dict[str, Any] = {}
+        self._searcher_state_after_ask: dict[str, Any] | None = None
+        self._searcher_state_committed: dict[str, Any] = {}
+        self.stopped_by_limit: list[int] = []
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_done(self) -> bool:
+        """Whether the epoch budget is spent."""
+        return self.epochs_spent >= self.budget
+
+    @property
+    def pending(self) -> Suggestion | None:
+        """The suggestion handed out by :meth:`ask` and not yet told."""
+        return self._pending
+
+    def best(self) -> Observation | None:
+        """The best value recorded at any epoch of any trial (ties: the earliest)."""
+        best: Observation | None = None
+        best_score = -math.inf
+        for trial in self.trials.values():
+            for k, value in enumerate(trial.values, start=1):
+                score = to_score(value, self.mode)
+                if score > best_score:
+                    best, best_score = Observation(trial.id, k, value), score
+        return best
+
+    def candidates(self, decision: int) -> list[Candidate]:
+        """Paused trials at their next epoch, then fresh configurations at epoch 1 (seeded by ``decision``)."""
+        paused = [Candidate(t.id, t.config, t.epochs + 1) for t in self.trials.values() if t.is_resumable]
+        rng = np.random.default_rng(derive_seed(self.seed, "fresh", decision))
+        seen = {_config_key(t.config) for t in self.trials.values()}
+        fresh: list[Candidate] = []
+        for _ in range(self.num_fresh_candidates * 4):
+            config = self.space.sample(rng)
+            key = _config_key(config)
+            if key not in seen:
+                seen.add(key)
+                fresh.append(Candidate(None, config, 1))
+            if len(fresh) == self.num_fresh_candidates:
+                break
+        return paused + fresh
+
+    # ------------------------------------------------------------------ ask / tell
+    def ask(self) -> Suggestion | None:
+        """The next epoch to train, or ``None`` when the budget is spent or nothing is left to train.
+
+        Raises:
+            RuntimeError: the previous suggestion was not told yet.
+        """
+        if self._pending is not None:
+            raise RuntimeError(f"trial {self._pending.trial_id} epoch {self._pending.epoch} was asked and not told")
+        if self.is_done:
+            return None
+        decision = len(self.decisions)
+        candidates = self.candidates(decision)
+        if not candidates:
+            return None
+        if len(self.trials) < self.num_startup_trials:
+            fresh = [i for i, c in enumerate(candidates) if c.trial_id is None]
+            index, info = (fresh[0] if fresh else 0), {"surrogate_s": 0.0}
+        else:
+            context = SelectionContext(self.space, self.trials, self.mode, self.cap, self.modules)
+            selection = self.searcher.select(context, candidates, derive_seed(self.seed, "surrogate", decision))
+            index, info = selection.index, selection.info
+        chosen = candidates[index]
+        if chosen.trial_id is None:
+            trial = Trial(id=len(self.trials), config=dict(chosen.config))
+            self.trials[trial.id] = trial
+            kind = SuggestionKind.START
+        else:
+            trial = self.trials[chosen.trial_id]
+            trial.status = TrialStatus.RUNNING
+            kind = SuggestionKind.RESUME
+        self._pending = Suggestion(kind, trial.id, dict(trial.config), chosen.epoch, decision)
+        self._pending_info = {"candidates": len(candidates), **info}
+        self._searcher_state_after_ask = self.searcher.state_dict()
+        return self._pending
+
+    def tell(self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0) -> list[int]:
+        """Record the monitored value after ``epoch`` of ``trial_id``.
+
+        A value that is not finite marks the trial failed. Returns the ids of trials stopped to respect
+        ``max_paused_trials`` (their checkpoints may be deleted).
+        """
+        trial = self._check_pending(trial_id, epoch)
+        if not math.isfinite(value):
+            return self.tell_failure(trial_id, epoch, f"monitored value is {value} at epoch {epoch}", wall_s)
+        trial.values.append(float(value))
+        trial.wall_s.append(float(wall_s))
+        trial.status = TrialStatus.FINISHED if trial.epochs >= self.cap else TrialStatus.PAUSED
+        self._commit(trial, epoch, float(value), wall_s)
+        return self._enforce_paused_limit()
+
+    def tell_failure(self, trial_id: int, epoch: int, error: str, wall_s: float = 0.0) -> list[int]:
+        """Record that ``epoch`` of ``trial_id`` failed with ``error``; the epoch still counts against the budget."""
+        trial = self._check_pending(trial_id, epoch)
+        trial.status = TrialStatus.FAILED
+        trial.error = error.strip().splitlines()[0][:500] if error.strip() else "failed"
+        trial.wall_s.append(float(wall_s))
+        self._commit(trial, epoch, math.nan, wall_s)
+        return []
+
+    def _check_pending(self, trial_id: int, epoch: int) -> Trial:
+        pending = self._pending
+        if pending is None or pending.trial_id != trial_id or pending.epoch != epoch:
+            expected = "nothing" if pending is None else f"trial {pending.trial_id} epoch {pending.epoch}"
+            raise RuntimeError(f"told trial {trial_id} epoch {epoch}, but {expected} was asked")
+        return self.trials[trial_id]
+
+    def _commit(self, trial: Trial, epoch: int, value: float, wall_s: float) -> None:
+        assert self._pending is not None
+        self.epochs_spent += 1
+        self.decisions.append(
+            {
+                "decision": self._pending.decision,
+                "kind": self._pending.kind.value,
+                "trial": trial.id,
+                "epoch": epoch,
+                "value": value,
+                "epochs_spent": self.epochs_spent,
+                "wall_s": float(wall_s),
+                **self._pending_info,
+            }
+        )
+        self._searcher_state_committed = self._searcher_state_after_ask or {}
+        self._pending = None
+        self._pending_info = {}
+
+    def _enforce_paused_limit(self) -> list[int]:
+        if self.max_paused_trials is None:
+            return []
+        stopped = []
+        paused = [t for t in self.trials.values() if t.status == TrialStatus.PAUSED]
+        while len(paused) > self.max_paused_trials:
+            worst = min(paused, key=lambda t: (to_score(t.values[-1], self.mode), -t.id))
+            worst.status = TrialStatus.STOPPED
+            stopped.append(worst.id)
+            paused.remove(worst)
+        self.stopped_by_limit.extend(stopped)
+        return stopped
+
+    def abandon_pending(self) -> None:
+        """Forget the pending suggestion as if it had never been asked (a new trial it started is removed)."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.kind == SuggestionKind.START:
+            del self.trials[pending.trial_id]
+        else:
+            self.trials[pending.trial_id].status = TrialStatus.PAUSED
+        self._pending = None
+        self._pending_info = {}
+        self.searcher.load_state_dict(self._searcher_state_committed)
+
+    # ------------------------------------------------------------------ persistence
+    def settings(self) -> dict[str, Any]:
+        """What must match for a persisted study to be continued by this optimizer."""
+        return {"space": self.space.to_dict(), "cap": self.cap, "mode": self.mode, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue (tensors, lists, dicts and scalars only); never includes a pending epoch."""
+        return {
+            "version": STATE_VERSION,
+            "settings": self.settings(),
+            "trials": self._committed_trials(),
+            "decisions": [dict(d) for d in self.decisions],
+            "epochs_spent": self.epochs_spent,
+            "stopped_by_limit": list(self.stopped_by_limit),
+            "searcher": self._searcher_state_committed,
+        }
+
+    def _committed_trials(self) -> list[dict[str, Any]]:
+        pending = self._pending
+        out = []
+        for trial in self.trials.values():
+            if pending is not None and trial.id == pending.trial_id:
+                if pending.kind == SuggestionKind.START:
+                    continue
+                data = trial.to_dict()
+                data["status"] = TrialStatus.PAUSED.value
+                out.append(data)
+            else:
+                out.append(trial.to_dict())
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a persisted study.
+
+        Raises:
+            FMSError: the state belongs to a study with other settings (space, cap, mode or seed).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise FMSError(f"study state version {state.get('version')} is not supported (expected {STATE_VERSION})")
+        saved = state["settings"]
+        mine = self.settings()
+        for key in ("seed", "mode", "cap", "space"):
+            if saved.get(key) != mine[key]:
+                raise FMSError(
+                    f"the study directory holds a study with another {key} ({saved.get(key)!r}); "
+                    f"use a new study directory or the same settings"
+                )
+        self.trials = {int(d["id"]): Trial.from_dict(d) for d in state["trials"]}
+        self.decisions = [dict(d) for d in state["decisions"]]
+        self.epochs_spent = int(state["epochs_spent"])
+        self.stopped_by_limit = [int(i) for i in state.get("stopped_by_limit", [])]
+        self._searcher_state_committed = state.get("searcher", {})
+        self.searcher.load_state_dict(self._searcher_state_committed)
+        self._pending = None
+
+
+def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in config.items()))
