@@ -1,0 +1,113 @@
+"""FMSCheckpointCallback: streams each epoch's monitored value and weights out of a Lightning run.
+
+The callback observes and signals; it never decides. At ``on_validation_end`` (after the validation
+loop has reduced its metrics, unlike ``on_validation_epoch_end``, which sees the previous epoch's value
+for metrics logged in the module's own ``on_validation_epoch_end``) it reads the monitored metric and
+copies the weights to the CPU, hands both to a sink, and stops the Trainer once the epoch the tuner
+paid for is done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+
+@dataclass
+class EpochReport:
+    """What one trained epoch produced.
+
+    Attributes:
+        epoch: 1-based number of the epoch just trained.
+        value: The monitored metric (``nan`` when it was not finite).
+        weights: CPU copy of the watched module's ``state_dict``, or ``None`` when not recorded.
+        error: Why the epoch does not count (metric missing or not finite), else ``None``.
+        available_metrics: Names Lightning had in ``callback_metrics`` (for error messages).
+    """
+
+    epoch: int
+    value: float
+    weights: dict[str, torch.Tensor] | None = None
+    error: str | None = None
+    available_metrics: list[str] = field(default_factory=list)
+
+
+class FMSCheckpointCallback(Callback):
+    """Record the monitored value and the weights after every validation, and stop where told.
+
+    Args:
+        monitor: Name of the logged metric to record (for example ``"val_acc"``).
+        weights_attribute: Dotted name of the submodule whose weights are recorded (for example
+            ``"net"``, the pretrained hub module); ``""`` records the whole LightningModule; ``None``
+            records no weights.
+        stop_after_epoch: Set ``trainer.should_stop`` once this many epochs (1-based) are done;
+            ``None`` never stops the run.
+        sink: Called with an :class:`EpochReport` after each validation (on global rank zero).
+
+    Example::
+
+        trainer = Trainer(callbacks=[FMSCheckpointCallback(monitor="val_acc")])
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        weights_attribute: str | None = "",
+        stop_after_epoch: int | None = None,
+        sink: Callable[[EpochReport], None] | None = None,
+    ) -> None:
+        self.monitor = monitor
+        self.weights_attribute = weights_attribute
+        self.stop_after_epoch = stop_after_epoch
+        self.sink = sink
+        self.reports: list[EpochReport] = []
+
+    @property
+    def last(self) -> EpochReport | None:
+        """The latest report, or ``None`` before the first validation."""
+        return self.reports[-1] if self.reports else None
+
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        return trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.check_val_every_n_epoch not in (1, None):
+            raise ValueError(
+                f"FMSCheckpointCallback needs a validation every epoch (check_val_every_n_epoch=1), "
+                f"got {trainer.check_val_every_n_epoch}"
+            )
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
+        epoch = trainer.current_epoch + 1
+        metrics = trainer.callback_metrics
+        report = EpochReport(epoch=epoch, value=float("nan"), available_metrics=sorted(metrics))
+        if self.monitor not in metrics:
+            report.error = f"metric {self.monitor!r} was never logged (logged: {', '.join(sorted(metrics)) or 'none'})"
+        else:
+            report.value = float(metrics[self.monitor])
+            if not math.isfinite(report.value):
+                report.error = f"metric {self.monitor!r} is {report.value} at epoch {epoch}"
+        if self.weights_attribute is not None:
+            module = pl_module.get_submodule(self.weights_attribute) if self.weights_attribute else pl_module
+            report.weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        self.reports.append(report)
+        if self.sink is not None and trainer.is_global_zero:
+            self.sink(report)
+        if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
+            trainer.should_stop = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "values": [r.value for r in self.reports]}

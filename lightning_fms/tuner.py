@@ -1,0 +1,364 @@
+"""FMSTuner: fine-tunes hub models one epoch at a time and lets the searcher choose who goes next.
+
+Each decision: the optimizer proposes one epoch of one trial, the executor trains it (a fresh
+Lightning ``Trainer`` resumed from the trial's checkpoint), the result is told to the optimizer, and
+the study state is written atomically. Kill the process at any moment and run the same command
+again: the study resumes from its last completed epoch and, with the same seed, makes the same
+decisions as a run that was never interrupted.
+
+Checkpoint policy (what keeps disk use bounded): a paused trial keeps exactly one checkpoint, that of
+its newest epoch (``trials/<id>/epoch-<k>.ckpt``; the previous one is deleted once the study state
+references the new one). A trial that finishes (reaches the cap), fails, or is stopped by
+``max_paused_trials`` loses its checkpoint. ``best.ckpt`` is a copy of the checkpoint of the best
+epoch seen so far. So the study holds at most ``paused trials + 1`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.executor import EpochJob, InProcessExecutor
+from lightning_fms.hub import ModelHub
+from lightning_fms.progress import StudyProgress
+from lightning_fms.report import write_regret_plot, write_results, write_trajectory
+from lightning_fms.rows import WeightKey
+from lightning_fms.scheduler import FreezeThawOptimizer, SuggestionKind
+from lightning_fms.searcher import build_searcher
+from lightning_fms.snapshots import WeightSnapshots
+from lightning_fms.space import SearchSpace
+from lightning_fms.study import StudyDirectory, atomic_write_bytes, file_sha256
+from lightning_fms.trial import TrialStatus, to_score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The outcome of a study.
+
+    Attributes:
+        best_trial: Id of the trial with the best recorded value (``None`` if nothing succeeded).
+        best_epoch: The epoch of that value.
+        best_value: The value.
+        best_config: The trial's configuration.
+        best_checkpoint: Path of ``best.ckpt``.
+        epochs_spent: Epochs trained over all trials.
+        study_dir: The study directory.
+    """
+
+    best_trial: int | None
+    best_epoch: int | None
+    best_value: float | None
+    best_config: dict[str, Any] | None
+    best_checkpoint: Path | None
+    epochs_spent: int
+    study_dir: Path
+
+
+class FMSTuner:
+    """Freeze-thaw hyperparameter and hub-entry search over Lightning fine-tuning runs.
+
+    Args:
+        module_factory: Builds the LightningModule; receives the pretrained hub module as
+            ``hub_argument``, the trial's cap as ``epochs_argument`` (if it accepts it) and the space's
+            ``model.*`` values.
+        datamodule_factory: Builds the LightningDataModule from the space's ``data.*`` values.
+        space: The search space.
+        study_dir: Where the study lives (created if missing; resumed if it holds a study).
+        budget: Total epochs to train over all trials.
+        monitor: Metric to optimise (logged by the module at validation).
+        mode: ``"max"`` or ``"min"``.
+        hub: The model hub (needed when the space has a hub choice).
+        max_epochs_per_trial: Per-trial epoch cap (and LR-schedule horizon).
+        seed: Seeds every decision and every trial.
+        searcher: ``"dyhpo"`` (deep-kernel GP), ``"gp"`` (plain GP) or ``"random"``.
+        weights: Checkpoint featurizer (``"none"`` makes the deep kernel DyHPO).
+        curve: ``"cnn"`` or ``"none"``.
+        device: Surrogate device (``None``: CUDA when present).
+        num_fresh_candidates: Fresh configurations scored per decision.
+        num_startup_trials: Random configurations started before the searcher is consulted.
+        max_paused_trials: Bound on paused trials (their checkpoints); ``None``: unbounded.
+        hub_argument: Module argument receiving the pretrained hub module.
+        epochs_argument: Module argument receiving the per-trial cap.
+        weights_attribute: Submodule whose weights feed the featurizer (default: ``hub_argument``).
+        module_options: Fixed module arguments.
+        datamodule_options: Fixed datamodule arguments.
+        trainer_options: Extra ``Trainer`` arguments.
+        surrogate_options: Extra surrogate arguments.
+        featurizer_options: Extra featurizer arguments.
+        progress: Show a live progress display.
+    """
+
+    def __init__(
+        self,
+        module_factory: Callable[..., pl.LightningModule],
+        datamodule_factory: Callable[..., pl.LightningDataModule],
+        space: SearchSpace,
+        *,
+        study_dir: str | os.PathLike[str],
+        budget: int,
+        monitor: str,
+        mode: str = "max",
+        hub: ModelHub | None = None,
+        max_epochs_per_trial: int = 20,
+        seed: int = 0,
+        searcher: str = "dyhpo",
+        weights: str = "none",
+        curve: str = "cnn",
+        device: str | None = None,
+        num_fresh_candidates: int = 64,
+        num_startup_trials: int = 2,
+        max_paused_trials: int | None = None,
+        hub_argument: str = "net",
+        epochs_argument: str = "max_epochs",
+        weights_attribute: str | None = None,
+        module_options: dict[str, Any] | None = None,
+        datamodule_options: dict[str, Any] | None = None,
+        trainer_options: dict[str, Any] | None = None,
+        surrogate_options: dict[str, Any] | None = None,
+        featurizer_options: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise FMSError("monitor must name a logged metric")
+        self.space = space
+        self.hub = hub
+        self.study = StudyDirectory(study_dir)
+        self.seed = int(seed)
+        self.progress = progress
+        self.executor = InProcessExecutor(
+            module_factory,
+            datamodule_factory,
+            space,
+            hub,
+            monitor=monitor,
+            cap=max_epochs_per_trial,
+            hub_argument=hub_argument,
+            epochs_argument=epochs_argument,
+            weights_attribute=weights_attribute,
+            module_options=module_options,
+            datamodule_options=datamodule_options,
+            trainer_options=trainer_options,
+        )
+        search = build_searcher(
+            searcher,
+            space,
+            max_epochs_per_trial,
+            weights=weights,
+            curve=curve,
+            device=device,
+            surrogate_options=surrogate_options,
+            featurizer_options=featurizer_options,
+        )
+        self.executor.record_weights = search.uses_weights
+        self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
+        self.optimizer = FreezeThawOptimizer(
+            space,
+            search,
+            budget=budget,
+            max_epochs_per_trial=max_epochs_per_trial,
+            mode=mode,
+            seed=seed,
+            num_fresh_candidates=num_fresh_candidates,
+            num_startup_trials=num_startup_trials,
+            max_paused_trials=max_paused_trials,
+            modules=self._module_for if search.uses_weights else None,
+        )
+        self.monitor = monitor
+        self.mode = mode
+        self._checkpoints: dict[int, dict[str, str]] = {}
+        self._best: dict[str, Any] | None = None
+        self._modules: dict[WeightKey, nn.Module] = {}
+
+    # ------------------------------------------------------------------ weights for the featurizer
+    def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
+        """The module (architecture + weights) behind a weight key, cached."""
+        if key in self._modules:
+            return self._modules[key]
+        entry, _, _ = self.space.split(config)
+        module = self.executor.pretrained_module(entry)
+        if module is None:
+            raise FMSError("weight featurizers need a model hub (the space has no hub choice)")
+        if key[0] == "trial":
+            assert self.snapshots is not None
+            module.load_state_dict(self.snapshots.get(key))
+        module.eval().requires_grad_(False)
+        self._modules[key] = module
+        return module
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TuneResult:
+        """Run (or resume) the study until the budget is spent.
+
+        Raises:
+            FMSError: a problem with the set-up or the study directory; what was recorded is kept.
+        """
+        self.study.lock()
+        try:
+            self._restore()
+            display = StudyProgress(self.optimizer.budget, enabled=self.progress)
+            with display:
+                display.update(self.optimizer, self._best_label())
+                while (suggestion := self.optimizer.ask()) is not None:
+                    self._run_one(suggestion)
+                    display.update(self.optimizer, self._best_label())
+            self._write_reports(final=True)
+            return self._result()
+        finally:
+            self.study.unlock()
+
+    def _run_one(self, suggestion: Any) -> None:
+        trial_id, epoch = suggestion.trial_id, suggestion.epoch
+        resume_from = None
+        if suggestion.kind == SuggestionKind.RESUME:
+            record = self._checkpoints.get(trial_id)
+            if record is None:
+                self.optimizer.abandon_pending()
+                raise CheckpointError(f"trial {trial_id} has no checkpoint to resume from")
+            resume_from = self.study.path / record["path"]
+            try:
+                self.study.verify_checkpoint(resume_from, record["sha256"])
+            except CheckpointError:
+                self.optimizer.abandon_pending()
+                raise
+        out = self.study.trial_dir(trial_id) / f"epoch-{epoch}.ckpt"
+        job = EpochJob(
+            trial_id=trial_id,
+            config=suggestion.config,
+            epoch=epoch,
+            resume_from=resume_from,
+            checkpoint_out=out,
+            log_dir=self.study.trial_dir(trial_id),
+            seed=self.seed,
+        )
+        try:
+            outcome = self.executor.run_epoch(job)
+        except BaseException:
+            self.optimizer.abandon_pending()
+            raise
+        if outcome.error is not None:
+            log.warning("trial %d failed at epoch %d: %s", trial_id, epoch, outcome.error)
+            self.optimizer.tell_failure(trial_id, epoch, outcome.error, outcome.wall_s)
+            self._checkpoints.pop(trial_id, None)
+            stopped: list[int] = []
+        else:
+            if self.snapshots is not None and outcome.weights is not None:
+                self.snapshots.put(("trial", trial_id, epoch), outcome.weights)
+            if self._is_new_best(outcome.value):
+                self._copy_best(out, trial_id, epoch, outcome.value)
+            self._checkpoints[trial_id] = {
+                "path": str(out.relative_to(self.study.path)),
+                "sha256": file_sha256(out),
+            }
+            stopped = self.optimizer.tell(trial_id, epoch, outcome.value, outcome.wall_s)
+            if self.optimizer.trials[trial_id].status != TrialStatus.PAUSED:
+                self._checkpoints.pop(trial_id, None)
+        for other in stopped:
+            self._checkpoints.pop(other, None)
+        self.study.save_state(self._state())
+        for touched in (trial_id, *stopped):
+            self._delete_unreferenced(touched)
+        self._write_reports(final=False)
+
+    # ------------------------------------------------------------------ best checkpoint
+    def _is_new_best(self, value: float) -> bool:
+        if self._best is None:
+            return True
+        return to_score(value, self.mode) > to_score(self._best["value"], self.mode)
+
+    def _copy_best(self, source: Path, trial_id: int, epoch: int, value: float) -> None:
+        atomic_write_bytes(self.study.best_checkpoint_path, source.read_bytes())
+        self._best = {"trial": trial_id, "epoch": epoch, "value": value}
+
+    def _best_label(self) -> str:
+        if self._best is None:
+            return "-"
+        trial = self.optimizer.trials[self._best["trial"]]
+        entry = trial.config.get(self.space.hub_key, "") if self.space.hub_key else ""
+        return f"{self._best['value']:.4f} (trial {self._best['trial']} {entry} epoch {self._best['epoch']})"
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["tuner"] = {"checkpoints": {str(k): dict(v) for k, v in self._checkpoints.items()}, "best": self._best}
+        return state
+
+    def _restore(self) -> None:
+        state = self.study.load_state()
+        if state is None:
+            return
+        self.optimizer.load_state_dict(state)
+        tuner = state.get("tuner", {})
+        self._checkpoints = {int(k): dict(v) for k, v in tuner.get("checkpoints", {}).items()}
+        self._best = tuner.get("best")
+        self._delete_orphans()
+        log.info("resumed study %s at %d epochs", self.study.path, self.optimizer.epochs_spent)
+
+    def _delete_unreferenced(self, trial_id: int) -> None:
+        """Delete a trial's checkpoint files that the persisted state no longer references."""
+        keep = self._checkpoints.get(trial_id)
+        trial_dir = self.study.trial_dir(trial_id)
+        if not trial_dir.exists():
+            return
+        for path in trial_dir.glob("*.ckpt"):
+            if keep is None or path != self.study.path / keep["path"]:
+                path.unlink(missing_ok=True)
+
+    def _delete_orphans(self) -> None:
+        trials_dir = self.study.path / "trials"
+        if not trials_dir.exists():
+            return
+        for trial_dir in trials_dir.iterdir():
+            if trial_dir.is_dir() and trial_dir.name.isdigit():
+                self._delete_unreferenced(int(trial_dir.name))
+
+    # ------------------------------------------------------------------ outputs
+    def _families(self) -> dict[str, str]:
+        if self.hub is None:
+            return {}
+        return {entry.name: entry.family for entry in self.hub}
+
+    def _write_reports(self, final: bool) -> None:
+        families = self._families()
+        write_trajectory(self.study.path / "trajectory.csv", self.optimizer, families)
+        write_results(
+            self.study.path / "results.json",
+            self.optimizer,
+            best_checkpoint=self.study.best_checkpoint_path if self._best else None,
+            monitor=self.monitor,
+            families=families,
+        )
+        if final:
+            write_regret_plot(self.study.path / "regret.png", self.optimizer, self.monitor)
+
+    def _result(self) -> TuneResult:
+        best = self.optimizer.best()
+        if best is None:
+            return TuneResult(None, None, None, None, None, self.optimizer.epochs_spent, self.study.path)
+        return TuneResult(
+            best_trial=best.trial_id,
+            best_epoch=best.epoch,
+            best_value=best.value,
+            best_config=dict(self.optimizer.trials[best.trial_id].config),
+            best_checkpoint=self.study.best_checkpoint_path,
+            epochs_spent=self.optimizer.epochs_spent,
+            study_dir=self.study.path,
+        )
+
+
+def load_best_weights(study_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` stored in a study's ``best.ckpt`` (read with ``weights_only=True``)."""
+    path = Path(study_dir) / "best.ckpt"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_fms.testing import tiny_hub
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """A tiny pretrained hub (3 families x 2 entries), built once per test session."""
+    return tiny_hub(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(scope="session")
+def hub_file(hub, tmp_path_factory) -> Path:
+    directory = Path(hub.entry(hub.names[0]).weights).parent
+    return directory / "hub.yaml"
+
+
+FAST_SURROGATE = {"full_fit_steps": 60, "refine_steps": 10, "full_fits": 2}
+
+
+def recipe_dict(hub_file: Path, **overrides) -> dict:
+    recipe = {
+        "hub": str(hub_file),
+        "model": {"class_path": "lightning_fms.zoo.ImageClassifier"},
+        "data": {"class_path": "lightning_fms.zoo.DigitsDataModule", "init_args": {"task": "target"}},
+        "space": {
+            "hub": {"type": "hub"},
+            "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+            "model.momentum": {"type": "float", "low": 0.0, "high": 0.9},
+            "data.batch_size": {"type": "categorical", "choices": [32, 64]},
+        },
+        "monitor": "val_acc",
+        "mode": "max",
+        "budget": 8,
+        "max_epochs_per_trial": 3,
+        "seed": 0,
+        "tuner": {"searcher": "dyhpo", "num_fresh_candidates": 16, "surrogate_options": dict(FAST_SURROGATE)},
+        "trainer": {"accelerator": "cpu", "devices": 1},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(path: Path, hub_file: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(recipe_dict(hub_file, **overrides)))
+    return path

@@ -1,0 +1,180 @@
+import csv
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import FAST_SURROGATE
+
+from lightning_fms import CheckpointError, FMSError, FMSTuner, SearchSpace, StudyLockedError, TrialStatus
+from lightning_fms.executor import EpochJob, InProcessExecutor
+from lightning_fms.report import TRAJECTORY_COLUMNS
+from lightning_fms.seeding import TrialSeeder, derive_seed
+from lightning_fms.study import StudyDirectory
+from lightning_fms.zoo import DigitsDataModule, ImageClassifier
+
+SPACE_SPEC = {
+    "hub": {"type": "hub"},
+    "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+}
+
+
+class FlakyClassifier(ImageClassifier):
+    """Fails on purpose: ``fault='raise'`` raises in epoch 2, ``fault='nan'`` makes the loss NaN."""
+
+    def __init__(self, net, fault: str = "ok", **kwargs):
+        super().__init__(net, **kwargs)
+        self.fault = fault
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.fault == "raise" and self.current_epoch == 1:
+            raise RuntimeError("injected failure")
+        if self.fault == "nan":
+            return loss * float("nan")
+        return loss
+
+
+class SilentClassifier(ImageClassifier):
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def make_tuner(hub, study_dir, module=ImageClassifier, space_spec=SPACE_SPEC, **kw):
+    options = {
+        "budget": 8,
+        "monitor": "val_acc",
+        "max_epochs_per_trial": 3,
+        "seed": 0,
+        "num_fresh_candidates": 16,
+        "surrogate_options": dict(FAST_SURROGATE),
+        "trainer_options": {"accelerator": "cpu"},
+        "progress": False,
+    }
+    options.update(kw)
+    space = SearchSpace.from_dict(space_spec, hub_entries=hub.names)
+    return FMSTuner(module, DigitsDataModule, space, study_dir=study_dir, hub=hub, **options)
+
+
+def test_study_spends_budget_and_writes_outputs(hub, tmp_path):
+    tuner = make_tuner(hub, tmp_path / "study")
+    result = tuner.run()
+    assert result.epochs_spent == 8
+    results = json.loads((tmp_path / "study/results.json").read_text())
+    assert results["epochs_spent"] == 8
+    best = results["best"]
+    assert set(best) >= {"trial", "hub_entry", "hyperparameters", "value", "checkpoint"}
+    assert best["hub_entry"] in hub.names and 0.0 <= best["value"] <= 1.0
+    assert best["value"] == max(max(t["best_value"] for t in results["trials"] if t["best_value"] is not None), 0)
+    assert sum(results["epochs_by_family"].values()) == 8
+    with open(tmp_path / "study/trajectory.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == TRAJECTORY_COLUMNS
+    assert [int(r["epochs_spent"]) for r in rows] == list(range(1, 9))
+    best_so_far = [float(r["best_so_far"]) for r in rows]
+    assert best_so_far == sorted(best_so_far)
+    assert (tmp_path / "study/regret.png").stat().st_size > 1000
+    # the best checkpoint loads without unpickling code and holds the best trial's weights
+    state = torch.load(tmp_path / "study/best.ckpt", weights_only=True)
+    assert state["epoch"] == best["epoch"]  # Lightning stores the number of completed epochs
+    # checkpoint policy: one per paused trial, none for finished ones, plus best.ckpt
+    ckpts = sorted(p.relative_to(tmp_path / "study") for p in (tmp_path / "study/trials").rglob("*.ckpt"))
+    paused = [t for t in tuner.optimizer.trials.values() if t.status == TrialStatus.PAUSED]
+    assert len(ckpts) == len(paused)
+    for trial in paused:
+        assert (tmp_path / "study" / "trials" / f"{trial.id:04d}" / f"epoch-{trial.epochs}.ckpt").exists()
+    # each trial's CSV log keeps every epoch across its resumed fits
+    for trial in tuner.optimizer.trials.values():
+        with open(tmp_path / "study" / "trials" / f"{trial.id:04d}" / "logs" / "metrics.csv") as handle:
+            logged = [r for r in csv.DictReader(handle) if r.get("val_acc")]
+        assert [int(r["epoch"]) for r in logged] == list(range(trial.epochs))
+        assert [float(r["val_acc"]) for r in logged] == pytest.approx(trial.values)
+    # rerunning a finished study resumes and trains nothing more
+    again = make_tuner(hub, tmp_path / "study").run()
+    assert again.epochs_spent == 8 and again.best_value == result.best_value
+
+
+def test_one_epoch_at_a_time_equals_straight_training_bit_for_bit(hub, tmp_path):
+    space = SearchSpace.from_dict(SPACE_SPEC, hub_entries=hub.names)
+    config = {"hub": "cnn-s", "model.lr": 0.05, "model.dropout": 0.3}
+    other = {"hub": "mlp-s", "model.lr": 0.1, "model.dropout": 0.1}
+    executor = InProcessExecutor(ImageClassifier, DigitsDataModule, space, hub, monitor="val_acc", cap=5)
+
+    def job(trial_id, cfg, epoch, resume):
+        return EpochJob(
+            trial_id, cfg, epoch, resume, tmp_path / f"t{trial_id}-e{epoch}.ckpt", tmp_path / f"log{trial_id}", seed=0
+        )
+
+    resume = None
+    for epoch in (1, 2, 3):
+        assert executor.run_epoch(job(7, config, epoch, resume)).error is None
+        resume = tmp_path / f"t7-e{epoch}.ckpt"
+        other_resume = tmp_path / f"t8-e{epoch - 1}.ckpt" if epoch > 1 else None
+        assert executor.run_epoch(job(8, other, epoch, other_resume)).error is None  # interleaved trial
+    split = torch.load(resume, weights_only=True)
+
+    module, datamodule = executor.build(config, seed=derive_seed(0, "init", 7))
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[TrialSeeder(derive_seed(0, "trial", 7))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    straight = module.state_dict()
+    for key, value in straight.items():
+        assert torch.equal(value, split["state_dict"][key]), key
+    # the LR schedule follows the trial cap (5), not the Trainer's max_epochs
+    assert split["lr_schedulers"][0]["T_max"] == 5
+    assert split["lr_schedulers"][0]["last_epoch"] == 3
+    assert split["optimizer_states"][0]["state"], "momentum buffers are restored"
+
+
+def test_failing_and_diverging_trials_are_recorded_and_the_study_goes_on(hub, tmp_path):
+    spec = {**SPACE_SPEC, "model.fault": {"type": "categorical", "choices": ["ok", "raise", "nan"]}}
+    tuner = make_tuner(hub, tmp_path / "study", module=FlakyClassifier, space_spec=spec, budget=10, searcher="random")
+    result = tuner.run()
+    assert result.epochs_spent == 10
+    trials = tuner.optimizer.trials.values()
+    failed = [t for t in trials if t.status == TrialStatus.FAILED]
+    assert failed, "some trial must have hit a fault"
+    for trial in failed:
+        if trial.config["model.fault"] == "raise":
+            assert "RuntimeError: injected failure" in trial.error and trial.epochs == 1
+        else:
+            assert "not finite" in trial.error or "nan" in trial.error.lower()
+    assert all(t.config["model.fault"] != "ok" for t in failed)
+    assert result.best_value is not None
+    results = json.loads((tmp_path / "study/results.json").read_text())
+    assert any(t["error"] for t in results["trials"])
+
+
+def test_metric_never_logged_stops_before_recording_anything(hub, tmp_path):
+    tuner = make_tuner(hub, tmp_path / "study", module=SilentClassifier)
+    with pytest.raises(FMSError, match="'val_acc' was never logged"):
+        tuner.run()
+    assert not (tmp_path / "study/state.pt").exists()
+
+
+def test_tampered_checkpoint_is_refused_and_state_kept(hub, tmp_path):
+    make_tuner(hub, tmp_path / "study", budget=4, searcher="random").run()
+    before = (tmp_path / "study/state.pt").read_bytes()
+    (ckpt,) = list((tmp_path / "study/trials").rglob("*.ckpt"))
+    ckpt.write_bytes(ckpt.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="modified after the study wrote it"):
+        make_tuner(hub, tmp_path / "study", budget=6, searcher="random").run()
+    assert (tmp_path / "study/state.pt").read_bytes() == before
+
+
+def test_second_tuner_on_the_same_study_is_refused(hub, tmp_path):
+    holder = StudyDirectory(tmp_path / "study")
+    holder.lock()
+    try:
+        with pytest.raises(StudyLockedError, match="in use by another tuner"):
+            make_tuner(hub, tmp_path / "study").run()
+    finally:
+        holder.unlock()
