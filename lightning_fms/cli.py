@@ -1,0 +1,82 @@
+"""The ``lightning-fms`` command.
+
+``lightning-fms tune --config recipes/demo.yaml --study_dir runs/demo --seed 0 --budget 100`` runs (or
+resumes) a study. Problems with the input are reported as one line, ``lightning-fms: error: ...``,
+with exit status 2 and no traceback; what the study already recorded is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from lightning_fms.errors import FMSError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-fms",
+        description="Forecasting Model Search for PyTorch Lightning: "
+        "pick the hub entry and hyperparameters to fine-tune.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    tune = sub.add_parser("tune", help="run or resume a study described by a recipe")
+    tune.add_argument("--config", required=True, help="recipe YAML (see recipes/demo.yaml)")
+    tune.add_argument("--study_dir", required=True, help="study directory (resumed if it holds a study)")
+    tune.add_argument("--seed", type=int, default=None, help="seed (overrides the recipe)")
+    tune.add_argument("--budget", type=int, default=None, help="total epochs over all trials (overrides the recipe)")
+    tune.add_argument("--max_epochs_per_trial", type=int, default=None, help="per-trial epoch cap")
+    tune.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher")
+    tune.add_argument("--weights", default=None, help="checkpoint featurizer: none, gmn, nfn, flat, stats")
+    tune.add_argument("--curve", choices=("cnn", "none"), default=None, help="learning-curve encoder")
+    tune.add_argument("--no-progress", action="store_true", help="no live progress display")
+    return parser
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from lightning_fms.recipe import Recipe
+
+    overrides = {"seed": args.seed, "budget": args.budget, "max_epochs_per_trial": args.max_epochs_per_trial}
+    recipe = Recipe.from_yaml(args.config, overrides)
+    for key in ("searcher", "weights", "curve"):
+        if getattr(args, key) is not None:
+            recipe.tuner[key] = getattr(args, key)
+    tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
+    result = tuner.run()
+    summary = {
+        "best_trial": result.best_trial,
+        "best_epoch": result.best_epoch,
+        "best_value": result.best_value,
+        "best_config": result.best_config,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "epochs_spent": result.epochs_spent,
+        "results": str(result.study_dir / "results.json"),
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-fms`` console script; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tune":
+            return _tune(args)
+    except FMSError as error:
+        message = " ".join(str(error).split())
+        print(f"lightning-fms: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lightning-fms: interrupted; the study keeps every completed epoch", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Recipes: a study described in one YAML file, validated before anything trains.
+
+Example (``recipes/demo.yaml``)::
+
+    hub: "{cache}/hubs/demo/hub.yaml"
+    hub_builder: lightning_fms.zoo.build_demo_hub      # optional: builds the hub if the file is missing
+    model: {class_path: lightning_fms.zoo.ImageClassifier, init_args: {reset_head: true}}
+    data: {class_path: lightning_fms.zoo.DigitsDataModule, init_args: {task: target}}
+    space:
+      hub: {type: hub}
+      model.lr: {type: float, low: 1.0e-3, high: 0.3, log: true}
+      data.batch_size: {type: categorical, choices: [16, 32, 64]}
+    monitor: val_acc
+    mode: max
+    budget: 100
+    max_epochs_per_trial: 20
+    seed: 0
+    tuner: {searcher: dyhpo, weights: none, curve: cnn}
+    trainer: {accelerator: cpu}
+
+Paths are expanded (``{cache}`` is ``$LIGHTNING_FMS_CACHE`` or ``~/.cache/lightning_fms``, then ``~``
+and ``$VARS``) and, when relative, taken from the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_fms.errors import FMSError
+from lightning_fms.hub import ModelHub
+from lightning_fms.space import SearchSpace
+
+RECIPE_KEYS = {
+    "hub",
+    "hub_builder",
+    "model",
+    "data",
+    "space",
+    "monitor",
+    "mode",
+    "budget",
+    "max_epochs_per_trial",
+    "seed",
+    "tuner",
+    "trainer",
+    "hub_argument",
+    "epochs_argument",
+}
+TUNER_KEYS = {
+    "searcher",
+    "weights",
+    "curve",
+    "device",
+    "num_fresh_candidates",
+    "num_startup_trials",
+    "max_paused_trials",
+    "surrogate_options",
+    "featurizer_options",
+    "weights_attribute",
+}
+
+
+def import_object(path: str, what: str) -> Any:
+    """Import ``package.module.Name``.
+
+    Raises:
+        FMSError: the path does not import.
+    """
+    if not isinstance(path, str) or "." not in path:
+        raise FMSError(f"{what}: {path!r} is not an import path like 'package.module.Class'")
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as error:
+        raise FMSError(f"{what}: cannot import {path!r} ({error})") from None
+
+
+@dataclass
+class ClassSpec:
+    """A class to instantiate: its import path and fixed arguments."""
+
+    class_path: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_value(cls, value: Any, what: str) -> ClassSpec:
+        """Read ``{class_path: ..., init_args: {...}}`` or a bare import path."""
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, Mapping) or "class_path" not in value:
+            raise FMSError(f"'{what}' must be an import path or a mapping with 'class_path' (and 'init_args')")
+        unknown = set(value) - {"class_path", "init_args"}
+        if unknown:
+            raise FMSError(f"'{what}': unknown key(s) {sorted(unknown)}")
+        init_args = value.get("init_args") or {}
+        if not isinstance(init_args, Mapping):
+            raise FMSError(f"'{what}.init_args' must be a mapping")
+        return cls(str(value["class_path"]), dict(init_args))
+
+    def resolve(self, what: str) -> Callable[..., Any]:
+        """The class (or factory function) itself."""
+        target = import_object(self.class_path, what)
+        if not callable(target):
+            raise FMSError(f"{what}: {self.class_path!r} is not a class or function")
+        return target
+
+
+@dataclass
+class Recipe:
+    """A validated study description. Build it with :meth:`from_yaml` or :meth:`from_dict`."""
+
+    model: ClassSpec
+    data: ClassSpec
+    space_spec: dict[str, Any]
+    monitor: str
+    mode: str = "max"
+    budget: int = 100
+    max_epochs_per_trial: int = 20
+    seed: int = 0
+    hub_path: Path | None = None
+    hub_builder: str | None = None
+    tuner: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    hub_argument: str = "net"
+    epochs_argument: str = "max_epochs"
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Recipe:
+        """Read and validate a recipe file; ``overrides`` (e.g. from the command line) win over the file.
+
+        Raises:
+            FMSError: the file is missing, not YAML, or not a valid recipe.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FMSError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise FMSError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        if not isinstance(data, Mapping):
+            raise FMSError(f"recipe {path} must be a mapping of settings")
+        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        return cls.from_dict(merged, base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
+        """Validate a recipe given as a mapping."""
+        unknown = set(data) - RECIPE_KEYS
+        if unknown:
+            raise FMSError(f"unknown recipe key(s) {sorted(unknown)} (known: {', '.join(sorted(RECIPE_KEYS))})")
+        for key in ("model", "data", "space", "monitor"):
+            if key not in data:
+                raise FMSError(f"the recipe needs '{key}'")
+        tuner = dict(data.get("tuner") or {})
+        bad = set(tuner) - TUNER_KEYS
+        if bad:
+            raise FMSError(f"unknown tuner option(s) {sorted(bad)} (known: {', '.join(sorted(TUNER_KEYS))})")
+        trainer = data.get("trainer") or {}
+        if not isinstance(trainer, Mapping):
+            raise FMSError("'trainer' must be a mapping of Trainer arguments")
+        hub_path = None
+        if data.get("hub") is not None:
+            raw = str(data["hub"])
+            if "{cache}" in raw:
+                from lightning_fms.zoo.build import default_cache_dir
+
+                raw = raw.replace("{cache}", str(default_cache_dir()))
+            hub_path = Path(os.path.expandvars(os.path.expanduser(raw)))
+            if not hub_path.is_absolute() and base_dir is not None:
+                hub_path = base_dir / hub_path
+        recipe = cls(
+            model=ClassSpec.from_value(data["model"], "model"),
+            data=ClassSpec.from_value(data["data"], "data"),
+            space_spec=data["space"],
+            monitor=_check_str(data["monitor"], "monitor"),
+            mode=_check_str(data.get("mode", "max"), "mode"),
+            budget=_check_int(data.get("budget", 100), "budget", 1),
+            max_epochs_per_trial=_check_int(data.get("max_epochs_per_trial", 20), "max_epochs_per_trial", 1),
+            seed=_check_int(data.get("seed", 0), "seed", 0),
+            hub_path=hub_path,
+            hub_builder=data.get("hub_builder"),
+            tuner=tuner,
+            trainer=dict(trainer),
+            hub_argument=_check_str(data.get("hub_argument", "net"), "hub_argument"),
+            epochs_argument=_check_str(data.get("epochs_argument", "max_epochs"), "epochs_argument"),
+        )
+        if recipe.mode not in ("max", "min"):
+            raise FMSError(f"mode must be 'max' or 'min', got {recipe.mode!r}")
+        return recipe
+
+    def load_hub(self) -> ModelHub | None:
+        """The model hub, built first by ``hub_builder`` when its file is missing."""
+        if self.hub_path is None:
+            return None
+        if not self.hub_path.exists() and self.hub_builder:
+            builder = import_object(self.hub_builder, "hub_builder")
+            builder(self.hub_path.parent)
+        if not self.hub_path.exists():
+            raise FMSError(
+                f"hub file {self.hub_path} does not exist (build it first, e.g. python recipes/build_demo_hub.py)"
+            )
+        return ModelHub.from_yaml(self.hub_path)
+
+    def build_space(self, hub: ModelHub | None) -> SearchSpace:
+        """The search space, with the hub choice checked against the hub's entries."""
+        return SearchSpace.from_dict(self.space_spec, hub_entries=hub.names if hub is not None else None)
+
+    def build_tuner(self, study_dir: str | os.PathLike[str], progress: bool = True) -> Any:
+        """An :class:`~lightning_fms.tuner.FMSTuner` for this recipe.
+
+        Raises:
+            FMSError: anything in the recipe that cannot work (imports, hub, space, arguments).
+        """
+        from lightning_fms.tuner import FMSTuner
+
+        hub = self.load_hub()
+        space = self.build_space(hub)
+        module_cls = self.model.resolve("model")
+        data_cls = self.data.resolve("data")
+        _check_space_targets(space, module_cls, data_cls, self.hub_argument)
+        return FMSTuner(
+            module_cls,
+            data_cls,
+            space,
+            study_dir=study_dir,
+            budget=self.budget,
+            monitor=self.monitor,
+            mode=self.mode,
+            hub=hub,
+            max_epochs_per_trial=self.max_epochs_per_trial,
+            seed=self.seed,
+            hub_argument=self.hub_argument,
+            epochs_argument=self.epochs_argument,
+            module_options=self.model.init_args,
+            datamodule_options=self.data.init_args,
+            trainer_options=self.trainer,
+            progress=progress,
+            **self.tuner,
+        )
+
+
+def _check_space_targets(space: SearchSpace, module_cls: Any, data_cls: Any, hub_argument: str) -> None:
+    """Every ``model.*``/``data.*`` key must be an argument of the class it targets (checked before training)."""
+    config_names = [n for n in space if n != space.hub_key]
+    for name in config_names:
+        target, _, key = name.partition(".")
+        if not key:
+            target, key = "model", name
+        cls = {"model": module_cls, "data": data_cls}.get(target)
+        if cls is None:
+            raise FMSError(f"space key {name!r}: prefix must be 'model.' or 'data.'")
+        if not _accepts(cls, key):
+            raise FMSError(f"space key {name!r}: {getattr(cls, '__name__', cls)} has no argument {key!r}")
+    if space.hub_key is not None and not _accepts(module_cls, hub_argument):
+        raise FMSError(
+            f"the model {getattr(module_cls, '__name__', module_cls)} has no argument {hub_argument!r} "
+            "for the hub module"
+        )
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FMSError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise FMSError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_str(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FMSError(f"{name} must be a non-empty string, got {value!r}")
+    return value

@@ -1,0 +1,111 @@
+"""Surrogate seconds per decision at a given number of observations.
+
+A decision is what the tuner does before each epoch: fit the surrogate on every observed (trial, epoch)
+row, then score the candidates (paused trials + fresh configurations) with expected improvement.
+The first ``full_fits`` fits train from scratch (1000 steps by default), later ones warm-start (50
+steps); both are timed. Synthetic learning curves stand in for training, so only the surrogate is
+measured.
+
+    python recipes/bench_surrogate.py --observations 25 50 100 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from lightning_fms import FreezeThawOptimizer, SearchSpace
+from lightning_fms.searcher import Searcher, Selection, build_searcher
+
+SPACE = {
+    "hub": {"type": "categorical", "choices": ["mlp-s", "mlp-m", "cnn-s", "cnn-m", "resnet-s", "resnet-m"]},
+    "model.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+    "model.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "model.momentum": {"type": "float", "low": 0.0, "high": 0.95},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "data.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+}
+
+
+class _Alternate(Searcher):
+    """Fills the history: resume a paused trial two times out of three, else start a fresh one."""
+
+    def select(self, context, candidates, seed):
+        paused = [i for i, c in enumerate(candidates) if c.trial_id is not None]
+        if paused and seed % 3:
+            return Selection(paused[seed % len(paused)])
+        return Selection(len(paused))
+
+
+def synthetic_value(config: dict, epoch: int) -> float:
+    """A plausible accuracy curve: saturating in epochs, best near lr 0.05."""
+    quality = math.exp(-((math.log10(config["model.lr"]) + 1.3) ** 2))
+    return 0.2 + 0.75 * quality * (1 - math.exp(-epoch / 3))
+
+
+def history(observations: int, cap: int, seed: int) -> FreezeThawOptimizer:
+    """An optimizer holding ``observations`` told epochs."""
+    space = SearchSpace.from_dict(SPACE)
+    opt = FreezeThawOptimizer(
+        space, _Alternate(), budget=observations, max_epochs_per_trial=cap, seed=seed, num_startup_trials=0
+    )
+    while (s := opt.ask()) is not None:
+        opt.tell(s.trial_id, s.epoch, synthetic_value(s.config, s.epoch))
+    return opt
+
+
+def time_decisions(observations: int, searcher_name: str, cap: int, fresh: int, repeats: int, device: str | None):
+    """Seconds of one full (from-scratch) decision and one warm-started decision."""
+    full, warm = [], []
+    for repeat in range(repeats):
+        opt = history(observations, cap, seed=repeat)
+        searcher = build_searcher(searcher_name, opt.space, cap, device=device)
+        opt.searcher = searcher
+        opt.num_fresh_candidates = fresh
+        from lightning_fms.searcher import SelectionContext
+
+        context = SelectionContext(opt.space, opt.trials, opt.mode, cap)
+        candidates = opt.candidates(observations)
+        start = time.perf_counter()
+        searcher.select(context, candidates, seed=1)
+        full.append(time.perf_counter() - start)
+        if hasattr(searcher, "surrogate") and hasattr(searcher.surrogate, "full_fits"):
+            searcher.surrogate.full_fits = 0  # the next fit warm-starts, as after the 10th decision
+        start = time.perf_counter()
+        searcher.select(context, candidates, seed=2)
+        warm.append(time.perf_counter() - start)
+    return statistics.median(full), statistics.median(warm)
+
+
+def main() -> None:
+    """Print a markdown table of surrogate seconds per decision."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--observations", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--searchers", nargs="+", default=["dyhpo", "gp"])
+    parser.add_argument("--cap", type=int, default=20)
+    parser.add_argument("--fresh", type=int, default=64, help="fresh candidates per decision")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} torch threads, device {device}")
+    print(f"candidates per decision: paused trials + {args.fresh} fresh; median of {args.repeats} repeats\n")
+    print("| searcher | observations | full fit decision (s) | warm-started decision (s) |")
+    print("|---|---|---|---|")
+    for name in args.searchers:
+        for n in args.observations:
+            full, warm = time_decisions(n, name, args.cap, args.fresh, args.repeats, device)
+            print(f"| {name} | {n} | {full:.3f} | {warm:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The command line as users meet it: real subprocesses, exit codes, one-line errors, SIGKILL and resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import recipe_dict, write_recipe
+
+from lightning_fms.hub import ModelHub
+
+
+def cli(*args, timeout=300, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_fms.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("lightning-fms: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tune(recipe, study, *extra, timeout=300):
+    return cli("tune", "--config", str(recipe), "--study_dir", str(study), "--no-progress", *extra, timeout=timeout)
+
+
+def test_tune_runs_and_prints_the_best(hub_file, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=5)
+    proc = tune(recipe, tmp_path / "s", "--seed", "1", "--budget", "4")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["epochs_spent"] == 4
+    results = json.loads((tmp_path / "s/results.json").read_text())
+    assert results["seed"] == 1 and results["budget"] == 4
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragments"),
+    [
+        (lambda r: r.update(budget=0), ["budget must be >= 1"]),
+        (
+            lambda r: r["space"].update({"model.lr": {"type": "float", "low": 0.5, "high": 0.1}}),
+            ["low=0.5 is above high=0.1"],
+        ),
+        (
+            lambda r: r["space"].update({"model.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}),
+            ["log scale needs low > 0"],
+        ),
+        (
+            lambda r: r["space"].update({"hub": {"type": "hub", "choices": ["mlp-s", "nope"]}}),
+            ["unknown hub entry 'nope'"],
+        ),
+        (
+            lambda r: r["space"].update({"model.not_an_arg": {"type": "float", "low": 0, "high": 1}}),
+            ["no argument 'not_an_arg'"],
+        ),
+        (lambda r: r.update(monitor="val_nope"), ["'val_nope' was never logged"]),
+        (lambda r: r.update(colour="blue"), ["unknown recipe key(s) ['colour']"]),
+        (lambda r: r["tuner"].update(searcher="bogus"), ["unknown searcher 'bogus'"]),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(hub_file, tmp_path, mutate, fragments):
+    recipe = recipe_dict(hub_file)
+    mutate(recipe)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = tune(path, tmp_path / "s")
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "s/state.pt").exists()
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: [unclosed\nspace: {")
+    assert_one_line_error(tune(path, tmp_path / "s"), "not valid YAML")
+
+
+def test_budget_flag_below_one(hub_file, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", hub_file)
+    assert_one_line_error(tune(recipe, tmp_path / "s", "--budget", "0"), "budget must be >= 1")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_hub_file_with_pickled_code_is_refused_not_run(hub, tmp_path):
+    entries = list(hub)
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": _Evil()}, evil)
+    entries[0] = dataclasses.replace(entries[0], weights=evil, sha256=None)
+    ModelHub(entries, name="evil").to_yaml(tmp_path / "hub.yaml")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tmp_path / "hub.yaml", space={"hub": {"type": "hub", "choices": [entries[0].name]}}
+    )
+    proc = cli("tune", "--config", str(recipe), "--study_dir", str(tmp_path / "s"), "--no-progress", cwd=tmp_path)
+    assert_one_line_error(proc, "pickled code")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_locked_study_is_refused(hub_file, tmp_path):
+    from lightning_fms.study import StudyDirectory
+
+    recipe = write_recipe(tmp_path / "r.yaml", hub_file)
+    with StudyDirectory(tmp_path / "s"):
+        assert_one_line_error(tune(recipe, tmp_path / "s"), "in use by another tuner")
+
+
+def _epochs_recorded(study: Path) -> int:
+    try:
+        return json.loads((study / "study.json").read_text())["epochs_spent"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_sigkill_then_rerun_resumes_with_the_same_decisions(hub_file, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=10)
+    reference = tune(recipe, tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+
+    study = tmp_path / "killed"
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_fms.cli",
+        "tune",
+        "--config",
+        str(recipe),
+        "--study_dir",
+        str(study),
+        "--no-progress",
+    ]
+    kills = 0
+    for target in (3, 6):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while _epochs_recorded(study) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # land somewhere inside the next epoch
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    assert _epochs_recorded(study) < 10
+    finish = tune(recipe, study)
+    assert finish.returncode == 0, finish.stderr
+
+    ref = json.loads((tmp_path / "ref/study.json").read_text())
+    got = json.loads((study / "study.json").read_text())
+    assert got["epochs_spent"] == ref["epochs_spent"] == 10
+    key = lambda d: (d["decision"], d["kind"], d["trial"], d["epoch"], d["value"])  # noqa: E731
+    assert [key(d) for d in got["decisions"]] == [key(d) for d in ref["decisions"]]
+    assert [t["config"] for t in got["trials"]] == [t["config"] for t in ref["trials"]]
