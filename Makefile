@@ -1,0 +1,41 @@
+# Everything a fresh clone needs: `make demo` and `make test` create the virtual environment and
+# install the package first. torch 2.13.0 (CPU) is installed unless the system Python already has a torch,
+# which the environment then reuses (the newest torch on the registry pulls gigabytes of CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+STUDY_DIR ?= runs/demo
+
+.PHONY: install demo test test-fast lint bench-surrogate clean
+
+$(STAMP): pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "reusing the system torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) recipes/build_demo_hub.py
+	$(VENV)/bin/lightning-fms tune --config recipes/demo.yaml --study_dir $(STUDY_DIR) --seed 0 --budget 100
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_fms tests recipes
+	$(VENV)/bin/ruff format --check lightning_fms tests recipes
+
+bench-surrogate: $(STAMP)
+	$(PY) recipes/bench_surrogate.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
