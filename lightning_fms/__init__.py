@@ -8,6 +8,7 @@ which one gets the next epoch.
 from lightning_fms.callback import EpochReport, FMSCheckpointCallback
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
 from lightning_fms.hub import HubEntry, ModelHub, load_weights_file
+from lightning_fms.observer import StudyObserver
 from lightning_fms.recipe import Recipe
 from lightning_fms.scheduler import FreezeThawOptimizer, Observation, Suggestion, SuggestionKind
 from lightning_fms.searcher import RandomSearcher, Searcher, SurrogateSearcher, build_searcher
@@ -37,6 +38,7 @@ __all__ = [
     "SearchSpace",
     "Searcher",
     "StudyLockedError",
+    "StudyObserver",
     "Suggestion",
     "SuggestionKind",
     "SurrogateSearcher",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from torch import nn
 from lightning_fms.errors import CheckpointError, FMSError
 from lightning_fms.executor import EpochJob, InProcessExecutor
 from lightning_fms.hub import ModelHub
+from lightning_fms.observer import StudyObserver
 from lightning_fms.progress import StudyProgress
 from lightning_fms.report import write_regret_plot, write_results, write_trajectory
 from lightning_fms.rows import WeightKey
@@ -97,6 +98,7 @@ class FMSTuner:
         surrogate_options: Extra surrogate arguments.
         featurizer_options: Extra featurizer arguments.
         progress: Show a live progress display.
+        observers: Hooks called as the study progresses (e.g. W&B logging).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class FMSTuner:
         surrogate_options: dict[str, Any] | None = None,
         featurizer_options: dict[str, Any] | None = None,
         progress: bool = True,
+        observers: Sequence[StudyObserver] = (),
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise FMSError("monitor must name a logged metric")
@@ -136,6 +139,7 @@ class FMSTuner:
         self.study = StudyDirectory(study_dir)
         self.seed = int(seed)
         self.progress = progress
+        self.observers = list(observers)
         self.executor = InProcessExecutor(
             module_factory,
             datamodule_factory,
@@ -206,6 +210,8 @@ class FMSTuner:
         self.study.lock()
         try:
             self._restore()
+            for observer in self.observers:
+                observer.on_study_start(self)
             display = StudyProgress(self.optimizer.budget, enabled=self.progress)
             with display:
                 display.update(self.optimizer, self._best_label())
@@ -213,6 +219,8 @@ class FMSTuner:
                     self._run_one(suggestion)
                     display.update(self.optimizer, self._best_label())
             self._write_reports(final=True)
+            for observer in self.observers:
+                observer.on_study_end(self)
             return self._result()
         finally:
             self.study.unlock()
@@ -269,6 +277,8 @@ class FMSTuner:
         for touched in (trial_id, *stopped):
             self._delete_unreferenced(touched)
         self._write_reports(final=False)
+        for observer in self.observers:
+            observer.on_epoch_end(self, self.optimizer.trials[trial_id], epoch, dict(outcome.metrics))
 
     # ------------------------------------------------------------------ best checkpoint
     def _is_new_best(self, value: float) -> bool:

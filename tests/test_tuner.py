@@ -8,6 +8,7 @@ from conftest import FAST_SURROGATE
 
 from lightning_fms import CheckpointError, FMSError, FMSTuner, SearchSpace, StudyLockedError, TrialStatus
 from lightning_fms.executor import EpochJob, InProcessExecutor
+from lightning_fms.observer import StudyObserver
 from lightning_fms.report import TRAJECTORY_COLUMNS
 from lightning_fms.seeding import TrialSeeder, derive_seed
 from lightning_fms.study import StudyDirectory
@@ -36,6 +37,20 @@ class FlakyClassifier(ImageClassifier):
         return loss
 
 
+class RecordingObserver(StudyObserver):
+    def __init__(self):
+        self.calls = []
+
+    def on_study_start(self, tuner):
+        self.calls.append(("start", tuner.optimizer.epochs_spent))
+
+    def on_epoch_end(self, tuner, trial, epoch, metrics):
+        self.calls.append(("epoch", trial.id, epoch, metrics.get("val_acc")))
+
+    def on_study_end(self, tuner):
+        self.calls.append(("end", tuner.optimizer.epochs_spent))
+
+
 class SilentClassifier(ImageClassifier):
     def validation_step(self, batch, batch_idx):
         return None
@@ -58,9 +73,14 @@ def make_tuner(hub, study_dir, module=ImageClassifier, space_spec=SPACE_SPEC, **
 
 
 def test_study_spends_budget_and_writes_outputs(hub, tmp_path):
-    tuner = make_tuner(hub, tmp_path / "study")
+    observer = RecordingObserver()
+    tuner = make_tuner(hub, tmp_path / "study", observers=[observer])
     result = tuner.run()
     assert result.epochs_spent == 8
+    assert observer.calls[0] == ("start", 0) and observer.calls[-1] == ("end", 8)
+    epochs = [c for c in observer.calls if c[0] == "epoch"]
+    assert [(c[1], c[2]) for c in epochs] == [(d["trial"], d["epoch"]) for d in tuner.optimizer.decisions]
+    assert [c[3] for c in epochs] == pytest.approx([d["value"] for d in tuner.optimizer.decisions])
     results = json.loads((tmp_path / "study/results.json").read_text())
     assert results["epochs_spent"] == 8
     best = results["best"]
