@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_fms.errors import FMSError
+from lightning_fms.weights import (
+    FEATURIZERS,
+    FlatFeaturizer,
+    GMNFeaturizer,
+    NFNFeaturizer,
+    StatsFeaturizer,
+    build_featurizer,
+    permute_hidden_units,
+)
+
+from ._models import TinyResNet, TransformerBlock, cnn, mlp, randomize_bn
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_registry() -> None:
+    assert FEATURIZERS == ("gmn", "nfn", "flat", "stats")
+    expected = {"gmn": GMNFeaturizer, "nfn": NFNFeaturizer, "flat": FlatFeaturizer, "stats": StatsFeaturizer}
+    for name, cls in expected.items():
+        f = build_featurizer(name, embedding_dim=7)
+        assert isinstance(f, cls) and isinstance(f, nn.Module) and f.embedding_dim == 7
+    assert build_featurizer("gmn").embedding_dim == 32
+    with pytest.raises(FMSError, match="known: gmn, nfn, flat, stats") as err:
+        build_featurizer("transformer")
+    assert "\n" not in str(err.value)
+    with pytest.raises(FMSError, match="unknown option"):
+        build_featurizer("stats", hidden=3)
+
+
+# ----------------------------------------------------------------------------------------------------------- NFN
+
+
+@pytest.mark.parametrize("make", [lambda: mlp((3, 6, 5, 2)), lambda: cnn(4, 5)], ids=["mlp", "cnn"])
+def test_nfn_invariance_and_gradients(make) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    m = make().double()
+    f = build_featurizer("nfn").double()
+    a = f([m])
+    for seed in range(3):
+        assert (a - f([permute_hidden_units(m, gen(seed))])).abs().max() < 1e-5
+    other = make().double()
+    assert (a - f([other])).abs().max() > 1e-4
+    f([m, other]).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in f.functional.parameters())  # the functional itself is trained
+
+
+def test_nfn_handles_widths_and_rejects_other_architectures() -> None:
+    f = build_featurizer("nfn")
+    mods = [mlp((3, 6, 5, 2)), mlp((3, 9, 4, 2)), mlp((3, 6, 5, 2))]  # hidden widths may differ
+    out = f(mods)
+    assert out.shape == (3, 32)
+    assert torch.allclose(out[1], f([mods[1]])[0], atol=1e-6)
+    with pytest.raises(FMSError, match="was built for"):
+        f([mlp((4, 6, 2))])
+    with pytest.raises(FMSError, match="plain chain"):
+        build_featurizer("nfn")([TinyResNet()])
+
+
+# ---------------------------------------------------------------------------------------------------------- FLAT
+
+
+@pytest.mark.parametrize(
+    "make,inputs",
+    [
+        (lambda: mlp((3, 6, 5, 2)), lambda: torch.randn(4, 3)),
+        (lambda: cnn(4, 5), lambda: torch.randn(2, 1, 8, 8)),
+        (lambda: randomize_bn(TinyResNet()).eval(), lambda: torch.randn(2, 3, 6, 6)),
+        (lambda: TransformerBlock(), lambda: torch.randint(0, 11, (2, 6))),
+    ],
+    ids=["mlp", "cnn", "resnet", "transformer"],
+)
+def test_permute_hidden_units_keeps_the_function(make, inputs) -> None:  # noqa: ANN001
+    torch.manual_seed(1)
+    m = make().double().eval()
+    x = inputs()
+    x = x.double() if x.is_floating_point() else x
+    flat = FlatFeaturizer(include_buffers=True)
+    for seed in range(3):
+        p = permute_hidden_units(m, gen(seed)).eval()
+        with torch.no_grad():
+            assert torch.allclose(m(x), p(x), atol=1e-10)
+        assert not torch.equal(flat.flatten(m), flat.flatten(p))
+
+
+def test_permute_hidden_units_on_a_state_dict() -> None:
+    m = mlp((3, 6, 5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for state in (permute_hidden_units(m.state_dict(), gen(0)), permute_hidden_units(m.state_dict(), gen(0), module=m)):
+        other = copy.deepcopy(m)
+        other.load_state_dict(state)
+        assert torch.allclose(m(x), other(x), atol=1e-12)
+        assert any(not torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+def test_flat_augmentation_uses_real_permutations() -> None:
+    torch.manual_seed(2)
+    m = mlp((3, 6, 5, 2))
+    f = FlatFeaturizer(seed=0)
+    f.prepare([m])
+    assert f.input_dim == sum(p.numel() for p in m.parameters())
+    f.eval()
+    base = f([m])
+    assert torch.equal(base, f([m]))
+    f.train()
+    augmented = torch.cat([f([m]) for _ in range(4)])
+    assert (augmented - base).abs().max() > 1e-6  # training-time inputs are permuted weights
+    idx = f._gather_index(m)
+    assert idx is not None and sorted(idx.tolist()) == list(range(f.input_dim))  # a permutation of the vector
+    # the permuted vector is the flattening of a network computing the same function
+    flat = f.flatten(m)[idx]
+    rebuilt = copy.deepcopy(m)
+    torch.nn.utils.vector_to_parameters(flat, rebuilt.parameters())
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.allclose(m(x), rebuilt(x), atol=1e-5)
+    f([m, m]).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+
+
+def test_flat_rejects_a_second_architecture() -> None:
+    f = FlatFeaturizer()
+    f([mlp((3, 6, 5, 2))])
+    with pytest.raises(FMSError, match="one architecture"):
+        f([mlp((3, 7, 5, 2))])
+    with pytest.raises(FMSError, match="built for 10 values"):
+        FlatFeaturizer(input_dim=10)([mlp()])
+
+
+# --------------------------------------------------------------------------------------------------------- STATS
+
+
+def test_stats_features() -> None:
+    m = mlp((3, 6, 5, 2))
+    f = StatsFeaturizer(num_tensors=8)
+    feats = f.features(m).reshape(8, 9)
+    w = m[0].weight.detach().double().flatten()
+    q = w.quantile(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    expected = torch.cat([q, w.mean().view(1), w.std(unbiased=False).view(1)])
+    assert torch.allclose(feats[0, :7], expected.double(), atol=1e-6)
+    assert feats[:6, 8].tolist() == [1] * 6 and feats[6:].abs().sum() == 0  # 6 tensors, zero padded
+    spread = StatsFeaturizer(num_tensors=2, selection="spread").features(m).reshape(2, 9)
+    last = m[4].bias.detach().double()
+    assert torch.isclose(spread[1, 5], last.mean())
+    out = f([m, TinyResNet(), TransformerBlock()])
+    assert out.shape == (3, 32)
+    out.sum().backward()
+    assert f.proj.weight.grad is not None
+
+
+def test_stats_is_permutation_invariant() -> None:
+    m = TinyResNet().double()
+    f = StatsFeaturizer().double()
+    assert torch.allclose(f([m]), f([permute_hidden_units(m, gen(3))]), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["flat", "nfn", "gmn", "stats"])
+def test_state_dict_round_trips_like_the_surrogate_uses_it(name: str) -> None:
+    def cpu_state(m: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}  # tensors only
+
+    torch.manual_seed(4)
+    modules = [mlp((3, 6, 5, 2)) for _ in range(3)]
+    featurizer = build_featurizer(name).eval()
+    init = cpu_state(featurizer)  # recorded at construction, before lazily built parts exist
+    out = featurizer(modules)
+    for key, value in cpu_state(featurizer).items():  # the surrogate records new parts with setdefault
+        init.setdefault(key, value)
+    featurizer.load_state_dict(init)  # a full fit restarts from the recorded initial values
+    assert torch.allclose(featurizer(modules), out, atol=1e-6)
+    fresh = build_featurizer(name).eval()  # a restarted process: lazily built parts come from the state
+    fresh.load_state_dict(cpu_state(featurizer))
+    assert torch.allclose(fresh(modules), out, atol=1e-6)
