@@ -34,7 +34,8 @@ from lightning_fms.progress import StudyProgress
 from lightning_fms.report import write_regret_plot, write_results, write_trajectory
 from lightning_fms.rows import WeightKey
 from lightning_fms.scheduler import FreezeThawOptimizer, SuggestionKind
-from lightning_fms.searcher import build_searcher
+from lightning_fms.searcher import SurrogateSearcher, build_searcher
+from lightning_fms.seeding import derive_seed, seed_everything_quietly
 from lightning_fms.snapshots import WeightSnapshots
 from lightning_fms.space import SearchSpace
 from lightning_fms.study import StudyDirectory, atomic_write_bytes, file_sha256
@@ -154,16 +155,21 @@ class FMSTuner:
             datamodule_options=datamodule_options,
             trainer_options=trainer_options,
         )
-        search = build_searcher(
-            searcher,
-            space,
-            max_epochs_per_trial,
-            weights=weights,
-            curve=curve,
-            device=device,
-            surrogate_options=surrogate_options,
-            featurizer_options=featurizer_options,
-        )
+        with torch.random.fork_rng(devices=[]):
+            # the surrogate's and featurizer's initial parameters depend on the seed only
+            seed_everything_quietly(derive_seed(seed, "searcher"))
+            search = build_searcher(
+                searcher,
+                space,
+                max_epochs_per_trial,
+                weights=weights,
+                curve=curve,
+                device=device,
+                surrogate_options=surrogate_options,
+                featurizer_options=featurizer_options,
+            )
+            if isinstance(search, SurrogateSearcher) and search.uses_weights:
+                self._check_featurizer(search, weights)
         self.executor.record_weights = search.uses_weights
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
         self.optimizer = FreezeThawOptimizer(
@@ -185,6 +191,27 @@ class FMSTuner:
         self._modules: dict[WeightKey, nn.Module] = {}
 
     # ------------------------------------------------------------------ weights for the featurizer
+    def _check_featurizer(self, search: SurrogateSearcher, weights: str) -> None:
+        """Embed every hub entry once, before any training.
+
+        A featurizer that cannot read an architecture (NFN needs a plain chain of layers, FLAT one
+        architecture) is refused here with a one-line error. It also builds any per-architecture parts
+        of the featurizer in hub order, so a resumed study's featurizer has the same structure as the one
+        whose state it loads.
+        """
+        if self.space.hub_key is None:
+            raise FMSError(f"weights={weights!r} needs a model hub (the space has no hub choice)")
+        featurizer = getattr(search.surrogate, "featurizer", None)
+        if featurizer is None:
+            return
+        hub_choice = self.space[self.space.hub_key]
+        for entry in getattr(hub_choice, "choices", ()):
+            module = self.executor.pretrained_module(entry)
+            try:
+                with torch.no_grad():
+                    featurizer([module], [("hub", str(entry))])
+            except FMSError as error:
+                raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
     def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
         """The module (architecture + weights) behind a weight key, cached."""
         if key in self._modules:

@@ -198,3 +198,23 @@ def test_second_tuner_on_the_same_study_is_refused(hub, tmp_path):
             make_tuner(hub, tmp_path / "study").run()
     finally:
         holder.unlock()
+
+
+@pytest.mark.parametrize("weights", ["gmn", "stats"])
+def test_fms_study_with_weights_resumes_with_the_same_decisions(hub, tmp_path, weights):
+    straight = make_tuner(hub, tmp_path / "straight", weights=weights, budget=9)
+    straight.run()
+    make_tuner(hub, tmp_path / "split", weights=weights, budget=5).run()
+    resumed = make_tuner(hub, tmp_path / "split", weights=weights, budget=9)  # a new process would do the same
+    resumed.run()
+    key = lambda d: (d["trial"], d["epoch"], d["value"])  # noqa: E731
+    assert [key(d) for d in resumed.optimizer.decisions] == [key(d) for d in straight.optimizer.decisions]
+    # snapshots of every trained epoch are on disk for the featurizer, never pickled
+    snapshots = sorted(p.name for p in (tmp_path / "split/weights").iterdir())
+    assert len(snapshots) == 9 and all(name.endswith(".safetensors") for name in snapshots)
+
+
+def test_featurizer_that_cannot_read_the_hub_is_refused_before_training(hub, tmp_path):
+    with pytest.raises(FMSError, match="weights='nfn' cannot embed hub entry"):
+        make_tuner(hub, tmp_path / "study", weights="nfn")
+    assert not (tmp_path / "study/state.pt").exists()

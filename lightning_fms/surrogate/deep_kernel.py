@@ -732,10 +732,21 @@ class DeepKernelSurrogate(ExactGPSurrogateBase):
             model.set_train_data(inputs=packed, targets=targets, strict=False)
         return -self._mll(model(packed), targets)
 
+    def _record_new_featurizer_parts(self) -> None:
+        """Remember the initial values of featurizer parts built after construction.
+
+        NFN and FLAT build per-architecture parts when they first meet an architecture; full fits
+        restart the featurizer from these recorded values.
+        """
+        assert self.featurizer is not None
+        for key, value in _cpu_state(self.featurizer).items():
+            self._featurizer_init.setdefault(key, value)
+
     def _train(self, rows: SurrogateRows, targets: Tensor, mu: float, std: float, full: bool) -> Tensor:
         base = self._base_inputs(rows, mu, std)
         if full:
             if self.featurizer is not None:
+                self._record_new_featurizer_parts()
                 self.featurizer.load_state_dict(self._featurizer_init)
                 self.featurizer.eval()
                 with torch.no_grad():
