@@ -7,11 +7,18 @@ steps); both are timed. Synthetic learning curves stand in for training, so only
 measured.
 
     python recipes/bench_surrogate.py --observations 25 50 100 --repeats 3
+    python recipes/bench_surrogate.py --observations 100 --searchers dyhpo --weights stats nfn gmn
+
+With ``--weights``, rows carry checkpoints: the demo hub's pretrained modules for epoch-1 rows and,
+for later epochs, the same modules with seeded noise added (a stand-in for training; the featurizer's
+cost depends on the architecture, not on the values). ``nfn`` and ``flat`` cannot read every demo
+architecture, so for them the hub is restricted to the entries they accept.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import statistics
@@ -20,8 +27,9 @@ import time
 import numpy as np
 import torch
 
-from lightning_fms import FreezeThawOptimizer, SearchSpace
-from lightning_fms.searcher import Searcher, Selection, build_searcher
+from lightning_fms import FMSError, FreezeThawOptimizer, ModelHub, SearchSpace
+from lightning_fms.searcher import Searcher, Selection, SelectionContext, build_searcher
+from lightning_fms.seeding import derive_seed
 
 SPACE = {
     "hub": {"type": "categorical", "choices": ["mlp-s", "mlp-m", "cnn-s", "cnn-m", "resnet-s", "resnet-m"]},
@@ -49,9 +57,12 @@ def synthetic_value(config: dict, epoch: int) -> float:
     return 0.2 + 0.75 * quality * (1 - math.exp(-epoch / 3))
 
 
-def history(observations: int, cap: int, seed: int) -> FreezeThawOptimizer:
+def history(observations: int, cap: int, seed: int, hub_names: list[str] | None = None) -> FreezeThawOptimizer:
     """An optimizer holding ``observations`` told epochs."""
-    space = SearchSpace.from_dict(SPACE)
+    spec = dict(SPACE)
+    if hub_names is not None:
+        spec["hub"] = {"type": "hub", "choices": hub_names}
+    space = SearchSpace.from_dict(spec, hub_entries=hub_names)
     opt = FreezeThawOptimizer(
         space, _Alternate(), budget=observations, max_epochs_per_trial=cap, seed=seed, num_startup_trials=0
     )
@@ -60,17 +71,68 @@ def history(observations: int, cap: int, seed: int) -> FreezeThawOptimizer:
     return opt
 
 
-def time_decisions(observations: int, searcher_name: str, cap: int, fresh: int, repeats: int, device: str | None):
+@functools.cache
+def _module(hub: ModelHub, key: tuple, entry: str) -> torch.nn.Module:
+    module = hub.build(entry)
+    if key[0] == "trial":
+        generator = torch.Generator().manual_seed(derive_seed(*key))
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+    return module.eval().requires_grad_(False)
+
+
+def usable_entries(hub: ModelHub, weights: str) -> list[str]:
+    """Hub entries the featurizer can embed (all for gmn/stats; a compatible subset for nfn/flat)."""
+    from lightning_fms.weights import build_featurizer
+
+    names = []
+    featurizer = build_featurizer(weights)
+    for name in hub.names:
+        try:
+            with torch.no_grad():
+                featurizer([hub.build(name)])
+            names.append(name)
+        except FMSError:
+            continue
+    return names
+
+
+def time_decisions(
+    observations: int,
+    searcher_name: str,
+    cap: int,
+    fresh: int,
+    repeats: int,
+    device: str | None,
+    weights: str = "none",
+    hub: ModelHub | None = None,
+    surrogate_options: dict | None = None,
+    featurizer_options: dict | None = None,
+):
     """Seconds of one full (from-scratch) decision and one warm-started decision."""
     full, warm = [], []
+    names = usable_entries(hub, weights) if weights != "none" and hub is not None else None
     for repeat in range(repeats):
-        opt = history(observations, cap, seed=repeat)
-        searcher = build_searcher(searcher_name, opt.space, cap, device=device)
+        opt = history(observations, cap, seed=repeat, hub_names=names)
+        searcher = build_searcher(
+            searcher_name,
+            opt.space,
+            cap,
+            device=device,
+            weights=weights,
+            surrogate_options=surrogate_options if searcher_name == "dyhpo" else None,
+            featurizer_options=featurizer_options if weights != "none" else None,
+        )
         opt.searcher = searcher
         opt.num_fresh_candidates = fresh
-        from lightning_fms.searcher import SelectionContext
+        modules = None
+        if weights != "none":
 
-        context = SelectionContext(opt.space, opt.trials, opt.mode, cap)
+            def modules(key, config):
+                return _module(hub, key, config["hub"])
+
+        context = SelectionContext(opt.space, opt.trials, opt.mode, cap, modules)
         candidates = opt.candidates(observations)
         start = time.perf_counter()
         searcher.select(context, candidates, seed=1)
@@ -92,19 +154,44 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=64, help="fresh candidates per decision")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--weights", nargs="+", default=["none"], help="featurizers: none stats nfn flat gmn")
+    parser.add_argument("--hub", default=None, help="hub.yaml for --weights (default: the demo hub in the cache)")
+    parser.add_argument("--full-fit-steps", type=int, default=1000, help="steps of a from-scratch fit (paper: 1000)")
+    parser.add_argument("--featurizer-option", action="append", default=[], help="KEY=VALUE, e.g. trainable=readout")
     args = parser.parse_args()
+    featurizer_options = dict(item.split("=", 1) for item in args.featurizer_option)
+    hub = None
+    if args.weights != ["none"]:
+        from lightning_fms.zoo import build_demo_hub, default_cache_dir
+
+        hub = ModelHub.from_yaml(args.hub) if args.hub else build_demo_hub(default_cache_dir() / "hubs" / "demo")
     torch.manual_seed(0)
     np.random.seed(0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} torch threads, device {device}")
-    print(f"candidates per decision: paused trials + {args.fresh} fresh; median of {args.repeats} repeats\n")
-    print("| searcher | observations | full fit decision (s) | warm-started decision (s) |")
-    print("|---|---|---|---|")
+    print(f"candidates per decision: paused trials + {args.fresh} fresh; median of {args.repeats} repeats")
+    print(f"full fits: {args.full_fit_steps} steps; featurizer options: {featurizer_options or 'defaults'}\n")
+    print("| searcher | weights | observations | full fit decision (s) | warm-started decision (s) |")
+    print("|---|---|---|---|---|")
     for name in args.searchers:
-        for n in args.observations:
-            full, warm = time_decisions(n, name, args.cap, args.fresh, args.repeats, device)
-            print(f"| {name} | {n} | {full:.3f} | {warm:.3f} |", flush=True)
+        for weights in args.weights:
+            if weights != "none" and name != "dyhpo":
+                continue
+            for n in args.observations:
+                full, warm = time_decisions(
+                    n,
+                    name,
+                    args.cap,
+                    args.fresh,
+                    args.repeats,
+                    device,
+                    weights,
+                    hub,
+                    {"full_fit_steps": args.full_fit_steps},
+                    featurizer_options,
+                )
+                print(f"| {name} | {weights} | {n} | {full:.3f} | {warm:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,20 @@ def test_sensitivity(gmn: GMNFeaturizer) -> None:
     assert (gmn([r1]) - gmn([r2])).abs().max() > 1e-4
 
 
+def test_auto_trains_the_whole_gmn_on_gpu_and_the_readout_on_cpu() -> None:
+    f = GMNFeaturizer(embedding_dim=8)
+    assert f.trainable == "auto" and f.effective_trainable == "readout"
+    out = f([mlp()], [("hub", "m")])
+    out.sum().backward()
+    trained = {n for n, p in f.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith("readout.") for n in trained)
+    if torch.cuda.is_available():
+        assert GMNFeaturizer().cuda().effective_trainable == "all"
+
+
 def test_mixed_batch_and_gradients() -> None:
     torch.manual_seed(2)
-    f = GMNFeaturizer(embedding_dim=16)
+    f = GMNFeaturizer(embedding_dim=16, trainable="all")
     modules = [mlp(), cnn(), TinyResNet(), TransformerBlock()]
     out = f(modules)
     assert out.shape == (4, 16) and out.dtype == torch.float32
