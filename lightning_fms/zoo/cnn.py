@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
+
+from lightning_fms.zoo._base import FeaturesHeadNet
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(FeaturesHeadNet):
     """Stacked ``Conv3x3 -> ReLU -> MaxPool2`` stages followed by a small average pool.
 
     Stage ``i`` has ``width * 2**i`` channels; spatial size halves after each stage while it is at
@@ -47,15 +49,3 @@ class SmallCNN(nn.Module):
         self.num_features = channels * pooled * pooled
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(self.num_features, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-
-        Returns:
-            Logits ``[B, num_classes]``.
-
-        """
-        return self.head(self.features(x))

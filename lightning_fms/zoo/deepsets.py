@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_fms.zoo._base import FeaturesHeadNet
+
 
 def coordinate_grid(height: int, width: int) -> Tensor:
     """Return the (row, col) coordinates of an ``height x width`` image, row-major, each in ``[-1, 1]``.
@@ -101,7 +103,7 @@ class SetFeatures(nn.Module):
         return self.rho(self.norm(pooled))
 
 
-class DeepSets(nn.Module):
+class DeepSets(FeaturesHeadNet):
     """A permutation-invariant classifier of the image's pixels as (value, row, col) elements.
 
     ``features``: ``[B, C, H, W] -> [B, hidden]``; ``head``: ``[B, hidden] -> [B, num_classes]``.
@@ -134,15 +136,3 @@ class DeepSets(nn.Module):
         self.num_features = hidden
         self.features = SetFeatures(image_size, in_channels, hidden, phi_depth, rho_depth, pooling, norm)
         self.head = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-
-        Returns:
-            Logits ``[B, num_classes]``.
-
-        """
-        return self.head(self.features(x))

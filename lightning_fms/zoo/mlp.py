@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
+
+from lightning_fms.zoo._base import FeaturesHeadNet
 
 
-class MLP(nn.Module):
+class MLP(FeaturesHeadNet):
     """Fully connected network on flattened images.
 
     ``features``: ``[B, C, H, W] -> [B, hidden]`` (flatten, then ``depth`` Linear+ReLU layers);
@@ -34,15 +36,3 @@ class MLP(nn.Module):
         self.num_features = hidden
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-
-        Returns:
-            Logits ``[B, num_classes]``.
-
-        """
-        return self.head(self.features(x))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_fms.zoo._base import FeaturesHeadNet
+
 
 class BasicBlock(nn.Module):
     """Two ``Conv3x3 -> BatchNorm`` layers with a residual addition.
@@ -46,7 +48,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class TinyResNet(nn.Module):
+class TinyResNet(FeaturesHeadNet):
     """Stem, a full-resolution stage, and one downsampling stage, then global average pooling.
 
     ``features``: ``[B, C, H, W] -> [B, 2 * width]``; ``head``: ``[B, 2 * width] -> [B, num_classes]``.
@@ -82,15 +84,3 @@ class TinyResNet(nn.Module):
         self.num_features = 2 * width
         self.features = nn.Sequential(stem, stage1, stage2, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(self.num_features, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-
-        Returns:
-            Logits ``[B, num_classes]``.
-
-        """
-        return self.head(self.features(x))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_fms.zoo._base import FeaturesHeadNet
+
 
 class ViTFeatures(nn.Module):
     """The transformer trunk of :class:`TinyViT`: images to the final cls-token embedding.
@@ -73,7 +75,7 @@ class ViTFeatures(nn.Module):
         return self.norm(tokens[:, 0])
 
 
-class TinyViT(nn.Module):
+class TinyViT(FeaturesHeadNet):
     """A tiny vision transformer classifying the cls token.
 
     ``features``: ``[B, C, H, W] -> [B, dim]``; ``head``: ``[B, dim] -> [B, num_classes]``.
@@ -106,15 +108,3 @@ class TinyViT(nn.Module):
         self.num_features = dim
         self.features = ViTFeatures(image_size, patch_size, dim, depth, heads, mlp_ratio, in_channels)
         self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-
-        Returns:
-            Logits ``[B, num_classes]``.
-
-        """
-        return self.head(self.features(x))
