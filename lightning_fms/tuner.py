@@ -194,8 +194,8 @@ class FMSTuner:
     def _check_featurizer(self, search: SurrogateSearcher, weights: str) -> None:
         """Embed every hub entry once, before any training.
 
-        A featurizer that cannot read an architecture (NFN needs a plain chain of layers, FLAT one
-        architecture) is refused here with a one-line error. It also builds any per-architecture parts
+        A featurizer that cannot read an architecture (NFN with ``fallback=False`` needs a plain chain of
+        layers) is refused here with a one-line error. It also builds any per-architecture parts
         of the featurizer in hub order, so a resumed study's featurizer has the same structure as the one
         whose state it loads.
         """
@@ -212,6 +212,7 @@ class FMSTuner:
                     featurizer([module], [("hub", str(entry))])
             except FMSError as error:
                 raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
+
     def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
         """The module (architecture + weights) behind a weight key, cached."""
         if key in self._modules:

@@ -11,8 +11,8 @@ measured.
 
 With ``--weights``, rows carry checkpoints: the demo hub's pretrained modules for epoch-1 rows and,
 for later epochs, the same modules with seeded noise added (a stand-in for training; the featurizer's
-cost depends on the architecture, not on the values). ``nfn`` and ``flat`` cannot read every demo
-architecture, so for them the hub is restricted to the entries they accept.
+cost depends on the architecture, not on the values). Entries a featurizer refuses (only ``nfn`` with
+``fallback=False``) are left out of the hub.
 """
 
 from __future__ import annotations
@@ -82,12 +82,12 @@ def _module(hub: ModelHub, key: tuple, entry: str) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def usable_entries(hub: ModelHub, weights: str) -> list[str]:
-    """Hub entries the featurizer can embed (all for gmn/stats; a compatible subset for nfn/flat)."""
+def usable_entries(hub: ModelHub, weights: str, options: dict | None = None) -> list[str]:
+    """Hub entries the featurizer can embed (all of them unless it was told to refuse some)."""
     from lightning_fms.weights import build_featurizer
 
     names = []
-    featurizer = build_featurizer(weights)
+    featurizer = build_featurizer(weights, **(options or {}))
     for name in hub.names:
         try:
             with torch.no_grad():
@@ -112,7 +112,7 @@ def time_decisions(
 ):
     """Seconds of one full (from-scratch) decision and one warm-started decision."""
     full, warm = [], []
-    names = usable_entries(hub, weights) if weights != "none" and hub is not None else None
+    names = usable_entries(hub, weights, featurizer_options) if weights != "none" and hub is not None else None
     for repeat in range(repeats):
         opt = history(observations, cap, seed=repeat, hub_names=names)
         searcher = build_searcher(

@@ -5,8 +5,9 @@
 
 * ``"gmn"``: graph metanetwork on traced parameter graphs (:class:`ParameterGraph`); any traceable architecture,
   mixed architectures in one batch, invariant to neuron permutations.
-* ``"nfn"``: permutation-equivariant neural functional (package ``nfn``) for plain MLP/CNN chains.
-* ``"flat"``: flattened weights and an MLP, one architecture, real-permutation augmentation.
+* ``"nfn"``: permutation-equivariant neural functional (package ``nfn``) for MLP/CNN chains; other
+  architectures are embedded from per-tensor statistics (one warning each) unless ``fallback=False``.
+* ``"flat"``: flattened weights and an MLP per architecture, real-permutation augmentation.
 * ``"stats"``: per-tensor statistics and a linear projection; any architecture, cheapest.
 """
 

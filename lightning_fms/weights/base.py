@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fms.errors import FMSError
+
+if TYPE_CHECKING:
+    from lightning_fms.weights.graph import GraphTopology
 
 
 class Featurizer(nn.Module):
@@ -69,6 +73,41 @@ class Featurizer(nn.Module):
     def _check_keys(modules: Sequence[nn.Module], keys: Sequence[Hashable] | None) -> None:
         if keys is not None and len(keys) != len(modules):
             raise FMSError(f"got {len(keys)} keys for {len(modules)} modules")
+
+
+def signatures_to_tensor(signatures: Sequence[str]) -> Tensor:
+    """Architecture signatures (hex digests of equal length) as a ``[n, bytes]`` uint8 tensor, for a state dict.
+
+    Featurizers with per-architecture parts store which architecture each part belongs to this way, so a fresh
+    featurizer can rebuild and re-attach them from a state dict of tensors.
+    """
+    if not signatures:
+        return torch.zeros(0, 20, dtype=torch.uint8)
+    return torch.tensor([list(bytes.fromhex(s)) for s in signatures], dtype=torch.uint8)
+
+
+def tensor_to_signatures(value: Tensor) -> list[str]:
+    """The signatures stored by :func:`signatures_to_tensor`."""
+    return [bytes(row).hex() for row in value.detach().cpu().to(torch.uint8).tolist()]
+
+
+def topology_quietly(module: nn.Module) -> GraphTopology:
+    """``TOPOLOGY_CACHE.get(module, GraphOptions())`` without its statistics-fallback notice.
+
+    The notice says the module is embedded from per-tensor statistics, which is only true for the graph
+    featurizers; a featurizer that reads the topology for something else gives its own warning instead. Other
+    warnings raised meanwhile are passed on.
+    """
+    from lightning_fms.weights.graph import TOPOLOGY_CACHE, GraphOptions
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        topo = TOPOLOGY_CACHE.get(module, GraphOptions())
+    for w in caught:
+        if topo.fallback and str(w.message).startswith("lightning_fms.weights:"):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return topo
 
 
 def tensor_bytes(value: Any) -> int:

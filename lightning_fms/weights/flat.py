@@ -1,34 +1,55 @@
-"""FLAT featurizer: all weights of one architecture flattened into a vector, then an MLP.
+"""FLAT featurizer: all weights of a network flattened into a vector, then an MLP of that architecture.
 
-Unlike upstream (a layer hard-wired to 4,970 inputs, "augmented" by shuffling vector entries), the input size is
-taken from the first module seen, a module of another architecture raises an :class:`FMSError` naming the
-problem, and training-time augmentation applies *real* neuron permutations (:func:`permute_hidden_units`), which
-change the vector but not the function the weights compute.
+Unlike upstream (one layer hard-wired to 4,970 inputs, "augmented" by shuffling vector entries), there is one MLP
+per architecture signature, its input size taken from the first module of that architecture seen (built then, so
+a hub of several architectures embeds in one call), and training-time augmentation applies *real* neuron
+permutations of each architecture (:func:`permute_hidden_units`), which change the vector but not the function
+the weights compute.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fms.errors import FMSError
-from lightning_fms.weights.base import ByteLRU, Featurizer
+from lightning_fms.weights.base import (
+    ByteLRU,
+    Featurizer,
+    signatures_to_tensor,
+    tensor_to_signatures,
+    topology_quietly,
+)
 from lightning_fms.weights.graph import architecture_signature
 from lightning_fms.weights.permutation import PermutationPlan, permute_hidden_units, plan_for
 
 __all__ = ["FlatFeaturizer", "permute_hidden_units"]
 
 
+@dataclass
+class _Arch:
+    """What the featurizer knows about one architecture (independent of its parameters and of load order)."""
+
+    name: str
+    names: tuple[str, ...]
+    size: int
+    # the permutation plan and the flat-vector index of every tensor entry (None: not looked up yet)
+    index_plan: tuple[PermutationPlan | None, dict[str, Tensor]] | None = field(default=None, repr=False)
+
+
 class FlatFeaturizer(Featurizer):
-    """Flattened weights -> ``Linear(P, hidden) -> ReLU -> Linear(hidden, d)``, for one architecture at a time.
+    """Flattened weights -> ``Linear(P, hidden) -> ReLU -> Linear(hidden, d)``, one MLP per architecture.
 
     Args:
         embedding_dim: Output size ``d``.
-        hidden_dim: Hidden width of the MLP.
-        input_dim: Number of flattened values ``P``; default: taken from the first module seen (call
-            :meth:`prepare` or run one forward before building an optimiser).
+        hidden_dim: Hidden width of the MLPs.
+        input_dim: Number of flattened values ``P`` of the first architecture (its MLP is built at once); default:
+            every MLP is built when the first module of its architecture is seen (call :meth:`prepare` with the
+            modules, or run one forward, before building an optimiser).
         augment: In training mode, permute the hidden units of every module at random before flattening.
         include_buffers: Also flatten floating-point buffers (BatchNorm running statistics).
         seed: Seed of the augmentation's random generator.
@@ -50,33 +71,49 @@ class FlatFeaturizer(Featurizer):
         self.augment = bool(augment)
         self.include_buffers = bool(include_buffers)
         self.input_dim: int | None = None
+        # the MLP of the first architecture keeps its name (state dicts of one architecture)
         self.mlp: nn.Sequential | None = None
-        self._signature: str | None = None
-        self._names: tuple[str, ...] = ()
-        self._arch: str = ""
+        self.extra_mlps = nn.ModuleList()
+        self._signatures: list[str] = []  # architecture of MLP i (the first MLP may be unclaimed: built from input_dim)
+        self._index: dict[str, int] = {}
+        self._archs: dict[str, _Arch] = {}
         self._generator = torch.Generator().manual_seed(int(seed))
         self._values = ByteLRU(value_cache_bytes)
-        self._index_plan: tuple[PermutationPlan, dict[str, Tensor]] | None = None
+        # the signature of every MLP's architecture, so that a fresh featurizer can rebuild them from a state dict
+        self.register_buffer("signatures", signatures_to_tensor([]))
         if input_dim is not None:
             self._build(int(input_dim))
 
-    def _build(self, p: int) -> None:
-        self.input_dim = p
-        self.mlp = nn.Sequential(
-            nn.Linear(p, self.hidden_dim), nn.ReLU(), nn.Linear(self.hidden_dim, self.embedding_dim)
-        )
-        self.mlp.to(self.device, self.dtype)
+    # ------------------------------------------------------------------ per-architecture MLPs
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # noqa: ANN001, D102
-        # a fresh featurizer loading a trained one's state builds its MLP from the stored weight shapes first
-        weight = state_dict.get(prefix + "mlp.0.weight")
-        if weight is not None and (self.mlp is None or self.input_dim != weight.shape[1]):
-            self.mlp = None
-            self._signature = None
-            self._index_plan = None
-            self.hidden_dim = int(weight.shape[0])
-            self._build(int(weight.shape[1]))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+    def _build(self, p: int, hidden_dim: int | None = None) -> None:
+        """Append an MLP for ``p`` inputs (the first one becomes ``self.mlp``)."""
+        hidden = self.hidden_dim if hidden_dim is None else int(hidden_dim)
+        mlp = nn.Sequential(nn.Linear(p, hidden), nn.ReLU(), nn.Linear(hidden, self.embedding_dim))
+        mlp.to(self.device, self.dtype)
+        if self.mlp is None:
+            self.mlp = mlp
+            self.input_dim = p
+        else:
+            self.extra_mlps.append(mlp)
+
+    def _mlp(self, index: int) -> nn.Sequential:
+        if index == 0:
+            assert self.mlp is not None
+            return self.mlp
+        return self.extra_mlps[index - 1]  # type: ignore[return-value]
+
+    def _reset(self) -> None:
+        self.mlp = None
+        self.extra_mlps = nn.ModuleList()
+        self.input_dim = None
+        self._signatures, self._index = [], {}
+        self.signatures = signatures_to_tensor([]).to(self.device)
+
+    def _claim(self, index: int, signature: str) -> None:
+        self._signatures.append(signature)
+        self._index[signature] = index
+        self.signatures = signatures_to_tensor(self._signatures).to(self.device)
 
     def _tensors(self, module: nn.Module) -> dict[str, Tensor]:
         out = {n: p.detach() for n, p in module.named_parameters()}
@@ -84,36 +121,67 @@ class FlatFeaturizer(Featurizer):
             out.update({n: b.detach() for n, b in module.named_buffers() if b.is_floating_point()})
         return out
 
-    def _check(self, module: nn.Module) -> None:
-        sig = architecture_signature(module)
-        if sig == self._signature:
-            return
-        tensors = self._tensors(module)
-        p = sum(t.numel() for t in tensors.values())
-        if self._signature is None:
-            if p == 0:
-                raise FMSError(f"the 'flat' featurizer got {type(module).__name__}, which has no parameters")
-            if self.input_dim is not None and p != self.input_dim:
+    def _arch(self, module: nn.Module) -> tuple[str, _Arch]:
+        signature = architecture_signature(module)
+        arch = self._archs.get(signature)
+        if arch is None:
+            tensors = self._tensors(module)
+            arch = _Arch(type(module).__qualname__, tuple(tensors), sum(t.numel() for t in tensors.values()))
+            self._archs[signature] = arch
+        return signature, arch
+
+    def _check(self, module: nn.Module) -> int:
+        """Index of the MLP of ``module``'s architecture, built (or the unclaimed first one claimed) if new."""
+        signature, arch = self._arch(module)
+        index = self._index.get(signature)
+        if index is not None:
+            return index
+        if arch.size == 0:
+            raise FMSError(f"the 'flat' featurizer got {arch.name}, which has no parameters")
+        index = len(self._signatures)
+        if index == 0 and self.mlp is not None:  # built before any module was seen (input_dim, or an old state)
+            if arch.size != self.input_dim:
                 raise FMSError(
-                    f"the 'flat' featurizer was built for {self.input_dim} values, "
-                    f"{type(module).__name__} has {p}; use 'gmn' or 'stats' for hubs of several architectures"
+                    f"the 'flat' featurizer was built for {self.input_dim} values, {arch.name} has {arch.size}; "
+                    "leave input_dim unset to size every architecture's MLP from its first module"
                 )
-            if self.mlp is None:
-                self._build(p)
-            self._signature = sig
-            self._names = tuple(tensors)
-            self._arch = type(module).__name__
-            return
-        raise FMSError(
-            f"the 'flat' featurizer handles one architecture and was built for {self._arch} "
-            f"({self.input_dim} values); got {type(module).__name__} ({p} values, different layers); "
-            "use 'gmn' or 'stats' for hubs of several architectures"
-        )
+        else:
+            self._build(arch.size)
+        self._claim(index, signature)
+        return index
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # noqa: ANN001, D102
+        # a fresh featurizer loading a trained one's state first rebuilds the MLPs it records, in the same order, for
+        # the same architectures; a state recorded before some MLPs existed (a prefix of ours) keeps ours. A state
+        # without signatures (one MLP, from before there were several) gives its MLP to the first module seen.
+        key = prefix + "signatures"
+        stored = tensor_to_signatures(state_dict[key]) if key in state_dict else []
+        first = state_dict.get(prefix + "mlp.0.weight")
+        ours = self._signatures
+        same_first = first is None or (self.mlp is not None and tuple(self.mlp[0].weight.shape) == tuple(first.shape))
+        if stored == ours[: len(stored)] and (stored or same_first):
+            pass
+        else:
+            if not ours or stored[: len(ours)] != ours:
+                self._reset()
+            if not stored and first is not None:
+                self.hidden_dim = int(first.shape[0])
+                self._build(int(first.shape[1]))
+            for index in range(len(self._signatures), len(stored)):
+                weight = state_dict[prefix + ("mlp.0.weight" if index == 0 else f"extra_mlps.{index - 1}.0.weight")]
+                if index == 0:
+                    self.hidden_dim = int(weight.shape[0])
+                self._build(int(weight.shape[1]), int(weight.shape[0]))
+                self._claim(index, stored[index])
+        state_dict[key] = self.signatures
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    # ------------------------------------------------------------------ inputs
 
     def prepare(self, modules: Sequence[nn.Module]) -> None:
-        """Build the MLP for the architecture of ``modules[0]``."""
-        if modules:
-            self._check(modules[0])
+        """Build the MLPs for the architectures of ``modules``, in order."""
+        for module in modules:
+            self._check(module)
 
     def clear_cache(self) -> None:
         """Forget the cached inputs."""
@@ -122,27 +190,37 @@ class FlatFeaturizer(Featurizer):
     def flatten(self, module: nn.Module) -> Tensor:
         """The flattened weights of ``module`` (detached), shape ``[P]``."""
         self._check(module)
+        _, arch = self._arch(module)
         tensors = self._tensors(module)
-        return torch.cat([tensors[n].reshape(-1) for n in self._names])
+        return torch.cat([tensors[n].reshape(-1) for n in arch.names])
 
     def _gather_index(self, module: nn.Module) -> Tensor | None:
         """A random neuron permutation of ``module``'s architecture as an index into the flat vector."""
-        if self._index_plan is None:
+        _, arch = self._arch(module)
+        if arch.index_plan is None:
+            topo = topology_quietly(module)
             plan = plan_for(module)
+            if topo.fallback:
+                warnings.warn(
+                    f"the 'flat' featurizer cannot augment {arch.name} with neuron permutations: it could not be "
+                    f"read by the tracer ({topo.fallback_reason}); its weights are used as they are",
+                    stacklevel=2,
+                )
             if plan is None or plan.num_permutable == 0:
-                self._index_plan = (None, {})  # type: ignore[assignment]
+                arch.index_plan = (None, {})
             else:
                 ids, offset = {}, 0
-                for n in self._names:
-                    t = self._tensors(module)[n]
+                tensors = self._tensors(module)
+                for n in arch.names:
+                    t = tensors[n]
                     ids[n] = torch.arange(offset, offset + t.numel()).view(t.shape)
                     offset += t.numel()
-                self._index_plan = (plan, ids)
-        plan, ids = self._index_plan  # type: ignore[misc]
+                arch.index_plan = (plan, ids)
+        plan, ids = arch.index_plan
         if plan is None:
             return None
         permuted = plan.apply(ids, plan.sample(self._generator))
-        return torch.cat([permuted[n].reshape(-1) for n in self._names])
+        return torch.cat([permuted[n].reshape(-1) for n in arch.names])
 
     def forward(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None = None) -> Tensor:
         """Embed modules (see :meth:`Featurizer.forward`); shape ``[B, embedding_dim]``."""
@@ -150,6 +228,7 @@ class FlatFeaturizer(Featurizer):
         if len(modules) == 0:
             return self._ref.new_zeros(0, self.embedding_dim)
         rows = []
+        groups: dict[int, list[int]] = {}
         for i, module in enumerate(modules):
             key = keys[i] if keys is not None else None
             flat = self._values.get(key) if key is not None else None
@@ -157,13 +236,17 @@ class FlatFeaturizer(Featurizer):
                 flat = self.flatten(module)
                 if key is not None:
                     self._values.put(key, flat)
-            else:
-                self._check(module)
+            groups.setdefault(self._check(module), []).append(i)
             if self.training and self.augment:
                 idx = self._gather_index(module)
                 if idx is not None:
                     flat = flat.index_select(0, idx.to(flat.device))
             rows.append(flat)
-        x = torch.stack(rows).to(self.device, self.dtype)
-        assert self.mlp is not None
-        return self.mlp(x)
+        if len(groups) == 1:
+            (index,) = groups
+            return self._mlp(index)(torch.stack(rows).to(self.device, self.dtype))
+        out = self._ref.new_zeros(len(modules), self.embedding_dim)
+        for index, idx in groups.items():
+            x = torch.stack([rows[i] for i in idx]).to(self.device, self.dtype)
+            out = out.index_copy(0, torch.tensor(idx, device=out.device), self._mlp(index)(x))
+        return out
