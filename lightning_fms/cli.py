@@ -3,6 +3,10 @@
 ``lightning-fms tune --config recipes/demo.yaml --study_dir runs/demo --seed 0 --budget 100`` runs (or
 resumes) a study. Problems with the input are reported as one line, ``lightning-fms: error: ...``,
 with exit status 2 and no traceback; what the study already recorded is kept.
+
+``lightning-fms fit --model pkg.Module --data pkg.DataModule [--config cfg.yaml] --tuner fms ...`` is
+:class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
+LightningDataModule, picked by import path; the current directory is importable).
 """
 
 from __future__ import annotations
@@ -35,7 +39,35 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--weights", default=None, help="checkpoint featurizer: none, gmn, nfn, flat, stats")
     tune.add_argument("--curve", choices=("cnn", "none"), default=None, help="learning-curve encoder")
     tune.add_argument("--no-progress", action="store_true", help="no live progress display")
+    sub.add_parser(
+        "fit",
+        add_help=False,
+        help="LightningCLI fit (with --tuner fms: a study) of --model and --data given by import path; "
+        "see lightning-fms fit --help",
+    )
     return parser
+
+
+def _fit(argv: Sequence[str]) -> int:
+    """``FMSLightningCLI(model_class=None, datamodule_class=None)`` on ``fit`` + ``argv``."""
+    import os
+
+    from lightning_fms.lightning_cli import FMSLightningCLI
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    saved, sys.argv = sys.argv, ["lightning-fms", "fit", *argv]  # parsed from sys.argv, as a script's CLI is
+    try:
+        FMSLightningCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"prog": "lightning-fms"},
+        )
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -64,6 +96,9 @@ def _tune(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-fms`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "fit":
+        return _fit(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "tune":

@@ -33,7 +33,8 @@ from lightning_fms.seeding import TrialSeeder, derive_seed, seed_everything_quie
 from lightning_fms.space import SearchSpace
 from lightning_fms.trial_logger import TrialCSVLogger
 
-_FORCED_TRAINER_KEYS = (
+#: ``Trainer`` arguments the tuner sets itself for every epoch; users cannot override them.
+TUNER_TRAINER_KEYS = (
     "max_epochs",
     "callbacks",
     "logger",
@@ -102,7 +103,7 @@ class InProcessExecutor:
         datamodule_options: dict[str, Any] | None = None,
         trainer_options: dict[str, Any] | None = None,
     ) -> None:
-        forced = sorted(set(trainer_options or {}) & set(_FORCED_TRAINER_KEYS))
+        forced = sorted(set(trainer_options or {}) & set(TUNER_TRAINER_KEYS))
         if forced:
             raise FMSError(f"trainer option(s) {forced} are set by the tuner and cannot be given")
         if space.hub_key is not None and hub is None:

@@ -217,7 +217,7 @@ class FMSTuner:
         """The module (architecture + weights) behind a weight key, cached."""
         if key in self._modules:
             return self._modules[key]
-        entry, _, _ = self.space.split(config)
+        entry = config.get(self.space.hub_key) if self.space.hub_key else None
         module = self.executor.pretrained_module(entry)
         if module is None:
             raise FMSError("weight featurizers need a model hub (the space has no hub choice)")

@@ -1,0 +1,90 @@
+"""The runnable examples of docs/: each recipe runs with a tiny budget, as the docs show it."""
+
+import importlib.util
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
+
+
+def _wandb_env(tmp_path) -> dict:
+    home = tmp_path / "wandb-home"
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home / "runs"),
+            "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"),
+            "WANDB_CONFIG_DIR": str(home / "config")}  # fmt: skip
+
+
+def _hub_dir(hub) -> Path:
+    return Path(hub.entry(hub.names[0]).weights).parent
+
+
+def test_python_api_recipe(hub, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("python_api_recipe", ROOT / "recipes" / "python_api.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = ["--study_dir", str(tmp_path / "api"), "--budget", "3", "--max_epochs_per_trial", "2",
+            "--hub_dir", str(_hub_dir(hub))]  # fmt: skip
+    if HAS_WANDB:
+        for key, value in _wandb_env(tmp_path).items():
+            monkeypatch.setenv(key, value)
+        args += ["--wandb_project", "fms-recipes", "--wandb_mode", "offline"]
+    out = recipe.main(args)
+    assert out["result"].epochs_spent == 3 and out["weights"]
+    assert json.loads((tmp_path / "api" / "results.json").read_text())["epochs_spent"] == 3
+    if HAS_WANDB:
+        assert len(list((tmp_path / "wandb-home" / "runs" / "wandb").glob("offline-run-*"))) >= 2
+
+
+def test_cli_recipe_as_documented(hub, tmp_path, monkeypatch):
+    """recipes/cli: make_weights.py, then train.py with the W&B sweep file (W&B logging: tests/test_wandb.py)."""
+    work = tmp_path / "cli"
+    shutil.copytree(ROOT / "recipes" / "cli", work, ignore=shutil.ignore_patterns("weights", "__pycache__", "runs"))
+    cache = tmp_path / "cache"
+    (cache / "hubs").mkdir(parents=True)
+    (cache / "hubs" / "tiny").symlink_to(_hub_dir(hub))  # make_weights.py reuses the session's pretrained hub
+    env = {**os.environ, "LIGHTNING_FMS_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **_wandb_env(tmp_path)}
+    with monkeypatch.context() as patch:  # `python make_weights.py`, in this process
+        patch.setenv("LIGHTNING_FMS_CACHE", str(cache))
+        patch.syspath_prepend(str(work))
+        patch.setattr(sys, "argv", ["make_weights.py"])
+        patch.delitem(sys.modules, "digits", raising=False)
+        runpy.run_path(str(work / "make_weights.py"), run_name="__main__")
+    assert sorted(p.name for p in (work / "weights").iterdir()) == [
+        "cnn-s.safetensors", "mlp-s.safetensors", "resnet-xs.safetensors"]  # fmt: skip
+    command = [sys.executable, "train.py", "fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space",
+               "sweep.yaml", "--tuner.hub_key", "model.pretrained", "--tuner.budget", "3",
+               "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", "runs/s2", "--tuner.progress", "false",
+               "--tuner.surrogate_options", "{full_fit_steps: 60, refine_steps: 10, full_fits: 2}"]  # fmt: skip
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["epochs_spent"] == 3
+    assert summary["best_config"]["model.pretrained"].startswith("weights/")
+    assert (work / "runs" / "s2" / "trials" / "0000" / "config.yaml").exists()
+
+
+def test_callback_doc_example_runs(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "docs" / "callback.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[-1]
+    assert "optimizer.ask()" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/callback.md", "exec"), {"__name__": "__main__"})
+    assert re.search(r"best val_acc \d\.\d{3}: trial \d+ epoch [12]", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("page", ["cli.md", "python_api.md", "wandb.md", "callback.md"])
+def test_docs_pages_link_to_existing_recipes(page):
+    text = (ROOT / "docs" / page).read_text()
+    for target in re.findall(r"\]\((\.\./recipes/[^)#]+)\)", text):
+        assert (ROOT / "docs" / target).resolve().exists(), target
