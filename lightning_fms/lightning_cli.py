@@ -343,16 +343,7 @@ class FMSLightningCLI(LightningCLI):
         if options.preflight:
             builder.preflight(model, datamodule, monitor)
         result = tuner.run()
-        summary = {
-            "best_trial": result.best_trial,
-            "best_epoch": result.best_epoch,
-            "best_value": result.best_value,
-            "best_config": result.best_config,
-            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-            "epochs_spent": result.epochs_spent,
-            "results": str(result.study_dir / "results.json"),
-        }
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(result.summary(), indent=2, default=str))
         return result
 
 

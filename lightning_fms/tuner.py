@@ -66,6 +66,18 @@ class TuneResult:
     epochs_spent: int
     study_dir: Path
 
+    def summary(self) -> dict[str, Any]:
+        """The result as plain data (what ``lightning-fms`` prints)."""
+        return {
+            "best_trial": self.best_trial,
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "best_config": self.best_config,
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "epochs_spent": self.epochs_spent,
+            "results": str(self.study_dir / "results.json"),
+        }
+
 
 class FMSTuner:
     """Freeze-thaw hyperparameter and hub-entry search over Lightning fine-tuning runs.
@@ -335,6 +347,10 @@ class FMSTuner:
         state = self.study.load_state()
         if state is None:
             return
+        if "agent" in state:
+            raise FMSError(
+                f"study directory {self.study.path} holds a study of lightning-fms agent; use another --study_dir"
+            )
         self.optimizer.load_state_dict(state)
         tuner = state.get("tuner", {})
         self._checkpoints = {int(k): dict(v) for k, v in tuner.get("checkpoints", {}).items()}
