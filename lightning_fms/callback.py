@@ -5,13 +5,20 @@ loop has reduced its metrics, unlike ``on_validation_epoch_end``, which sees the
 for metrics logged in the module's own ``on_validation_epoch_end``) it reads the monitored metric and
 copies the weights to the CPU, hands both to a sink, and stops the Trainer once the epoch the tuner
 paid for is done.
+
+Under ``lightning-fms agent`` (the environment holds ``LIGHTNING_FMS_STUDY_DIR``) a callback built with
+no arguments takes the metric, the epoch to stop after and where to write from the environment; when the
+run ends it saves the trial checkpoint (atomically) and writes the result JSON the agent reads.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +26,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
+
+from lightning_fms.study import atomic_write_text
+
+ENV_STUDY_DIR = "LIGHTNING_FMS_STUDY_DIR"
+ENV_TRIAL = "LIGHTNING_FMS_TRIAL"
+ENV_EPOCH = "LIGHTNING_FMS_EPOCH"
+ENV_RESUME = "LIGHTNING_FMS_RESUME"
+ENV_RESULT = "LIGHTNING_FMS_RESULT"
+ENV_MONITOR = "LIGHTNING_FMS_MONITOR"
+ENV_CHECKPOINT = "LIGHTNING_FMS_CHECKPOINT"
 
 
 @dataclass
@@ -44,26 +61,43 @@ class FMSCheckpointCallback(Callback):
     """Record the monitored value and the weights after every validation, and stop where told.
 
     Args:
-        monitor: Name of the logged metric to record (for example ``"val_acc"``).
+        monitor: Name of the logged metric to record (for example ``"val_acc"``); may be left out under
+            ``lightning-fms agent``, which names it in ``LIGHTNING_FMS_MONITOR``.
         weights_attribute: Dotted name of the submodule whose weights are recorded (for example
             ``"net"``, the pretrained hub module); ``""`` records the whole LightningModule; ``None``
             records no weights.
         stop_after_epoch: Set ``trainer.should_stop`` once this many epochs (1-based) are done;
-            ``None`` never stops the run.
+            ``None`` never stops the run (under the agent: the epoch it paid for).
         sink: Called with an :class:`EpochReport` after each validation (on global rank zero).
 
     Example::
 
         trainer = Trainer(callbacks=[FMSCheckpointCallback(monitor="val_acc")])
+
+        # in a script run by ``lightning-fms agent``: everything comes from the environment
+        trainer = Trainer(callbacks=[FMSCheckpointCallback()])
+
+    Raises:
+        ValueError: no ``monitor`` and not run by the agent.
     """
 
     def __init__(
         self,
-        monitor: str,
+        monitor: str | None = None,
         weights_attribute: str | None = "",
         stop_after_epoch: int | None = None,
         sink: Callable[[EpochReport], None] | None = None,
     ) -> None:
+        self.agent_env = _agent_environment()
+        if self.agent_env is not None:
+            monitor = monitor or self.agent_env[ENV_MONITOR]
+            if stop_after_epoch is None:
+                stop_after_epoch = int(self.agent_env[ENV_EPOCH])
+            weights_attribute = None
+        if not monitor:
+            raise ValueError(
+                "FMSCheckpointCallback needs monitor= (the logged metric) unless it runs under lightning-fms agent"
+            )
         self.monitor = monitor
         self.weights_attribute = weights_attribute
         self.stop_after_epoch = stop_after_epoch
@@ -109,5 +143,40 @@ class FMSCheckpointCallback(Callback):
             trainer.should_stop = True
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.agent_env is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        checkpoint = self.agent_env.get(ENV_CHECKPOINT)
+        if checkpoint:
+            tmp = f"{checkpoint}.tmp"
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, checkpoint)
+        if trainer.is_global_zero:
+            last = self.last
+            result: dict[str, Any] = {
+                "trial": int(self.agent_env.get(ENV_TRIAL) or -1),
+                "epoch": last.epoch if last else 0,
+                "value": last.value if last and math.isfinite(last.value) else None,
+                "error": (last.error if last else "the run ended before its first validation"),
+                "checkpoint": checkpoint or None,
+            }
+            atomic_write_text(Path(self.agent_env[ENV_RESULT]), json.dumps(result))
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "values": [r.value for r in self.reports]}
+
+
+def _agent_environment() -> dict[str, str] | None:
+    """The agent's variables when run by ``lightning-fms agent``, else ``None``."""
+    if not os.environ.get(ENV_STUDY_DIR):
+        return None
+    names = (ENV_STUDY_DIR, ENV_TRIAL, ENV_EPOCH, ENV_RESUME, ENV_RESULT, ENV_MONITOR, ENV_CHECKPOINT)
+    env = {name: os.environ.get(name, "") for name in names}
+    missing = [name for name in (ENV_EPOCH, ENV_RESULT, ENV_MONITOR) if not env[name]]
+    if missing:
+        raise ValueError(
+            f"{ENV_STUDY_DIR} is set but {', '.join(missing)} is not: run the script with lightning-fms agent"
+        )
+    return env

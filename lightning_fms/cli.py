@@ -7,6 +7,10 @@ with exit status 2 and no traceback; what the study already recorded is kept.
 ``lightning-fms fit --model pkg.Module --data pkg.DataModule [--config cfg.yaml] --tuner fms ...`` is
 :class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
 LightningDataModule, picked by import path; the current directory is importable).
+
+``lightning-fms agent --study_dir runs/s1 [--space space.yaml --budget 30 --monitor val_acc ...] -- python
+train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
+agents may share one study directory.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--weights", default=None, help="checkpoint featurizer: none, gmn, nfn, flat, stats")
     tune.add_argument("--curve", choices=("cnn", "none"), default=None, help="learning-curve encoder")
     tune.add_argument("--no-progress", action="store_true", help="no live progress display")
+    agent = sub.add_parser(
+        "agent",
+        help="run your own training command once per decision (several agents may share a study)",
+        usage="lightning-fms agent --study_dir DIR [--space FILE --budget N ...] -- COMMAND ...",
+    )
+    agent.add_argument("--study_dir", required=True, help="study directory (created on first use, else joined)")
+    agent.add_argument("--space", default=None, help="search-space file (recipe space format or a W&B sweep)")
+    agent.add_argument("--budget", type=int, default=None, help="total epochs over all trials")
+    agent.add_argument("--monitor", default=None, help="metric the script logs (default: the space file's)")
+    agent.add_argument("--mode", choices=("max", "min"), default=None, help="optimisation direction")
+    agent.add_argument("--max_epochs_per_trial", type=int, default=None, help="per-trial epoch cap (default 20)")
+    agent.add_argument("--seed", type=int, default=None, help="seed of the decisions (default 0)")
+    agent.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher (default dyhpo)")
+    agent.add_argument("--max_paused_trials", type=int, default=None, help="bound on paused trials")
+    agent.add_argument("--quiet", action="store_true", help="no line per trained epoch on stderr")
     sub.add_parser(
         "fit",
         add_help=False,
@@ -80,15 +99,28 @@ def _tune(args: argparse.Namespace) -> int:
             recipe.tuner[key] = getattr(args, key)
     tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
     result = tuner.run()
-    summary = {
-        "best_trial": result.best_trial,
-        "best_epoch": result.best_epoch,
-        "best_value": result.best_value,
-        "best_config": result.best_config,
-        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-        "epochs_spent": result.epochs_spent,
-        "results": str(result.study_dir / "results.json"),
-    }
+    print(json.dumps(result.summary(), indent=2, default=str))
+    return 0
+
+
+def _agent(args: argparse.Namespace, command: Sequence[str]) -> int:
+    if not command:
+        raise FMSError(
+            "give the training command after '--' (e.g. lightning-fms agent --study_dir D -- python train.py)"
+        )
+    from lightning_fms.agent import AgentSettings, StudyAgent
+
+    settings = AgentSettings(
+        space_file=args.space,
+        budget=args.budget,
+        monitor=args.monitor,
+        mode=args.mode,
+        max_epochs_per_trial=args.max_epochs_per_trial,
+        seed=args.seed,
+        searcher=args.searcher,
+        max_paused_trials=args.max_paused_trials,
+    )
+    summary = StudyAgent(args.study_dir, command, settings, echo=not args.quiet).run()
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -99,10 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "fit":
         return _fit(argv[1:])
+    command: list[str] = []
+    if argv and argv[0] == "agent" and "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
     args = _parser().parse_args(argv)
     try:
         if args.command == "tune":
             return _tune(args)
+        if args.command == "agent":
+            return _agent(args, command)
     except FMSError as error:
         message = " ".join(str(error).split())
         print(f"lightning-fms: error: {message}", file=sys.stderr)

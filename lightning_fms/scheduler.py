@@ -130,6 +130,7 @@ class FreezeThawOptimizer:
         self._searcher_state_after_ask: dict[str, Any] | None = None
         self._searcher_state_committed: dict[str, Any] = {}
         self.stopped_by_limit: list[int] = []
+        self.running: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -181,6 +182,21 @@ class FreezeThawOptimizer:
         if self.is_done:
             return None
         decision = len(self.decisions)
+        choice = self._choose(decision)
+        if choice is None:
+            return None
+        trial, kind, epoch, info = choice
+        self._pending = Suggestion(kind, trial.id, dict(trial.config), epoch, decision)
+        self._pending_info = info
+        self._searcher_state_after_ask = self.searcher.state_dict()
+        return self._pending
+
+    def _choose(self, decision: int) -> tuple[Trial, SuggestionKind, int, dict[str, Any]] | None:
+        """Pick the next epoch (startup draws, then the searcher) and mark its trial running.
+
+        Returns:
+            ``(trial, kind, epoch, info)``, or ``None`` when no candidate is left.
+        """
         candidates = self.candidates(decision)
         if not candidates:
             return None
@@ -193,17 +209,14 @@ class FreezeThawOptimizer:
             index, info = selection.index, selection.info
         chosen = candidates[index]
         if chosen.trial_id is None:
-            trial = Trial(id=len(self.trials), config=dict(chosen.config))
+            trial = Trial(id=max(self.trials, default=-1) + 1, config=dict(chosen.config))
             self.trials[trial.id] = trial
             kind = SuggestionKind.START
         else:
             trial = self.trials[chosen.trial_id]
-            trial.status = TrialStatus.RUNNING
             kind = SuggestionKind.RESUME
-        self._pending = Suggestion(kind, trial.id, dict(trial.config), chosen.epoch, decision)
-        self._pending_info = {"candidates": len(candidates), **info}
-        self._searcher_state_after_ask = self.searcher.state_dict()
-        return self._pending
+        trial.status = TrialStatus.RUNNING
+        return trial, kind, chosen.epoch, {"candidates": len(candidates), **info}
 
     def tell(self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0) -> list[int]:
         """Record the monitored value after ``epoch`` of ``trial_id``.
@@ -296,6 +309,7 @@ class FreezeThawOptimizer:
             "epochs_spent": self.epochs_spent,
             "stopped_by_limit": list(self.stopped_by_limit),
             "searcher": self._searcher_state_committed,
+            **({"running": {str(k): dict(v) for k, v in self.running.items()}} if self.running else {}),
         }
 
     def _committed_trials(self) -> list[dict[str, Any]]:
@@ -335,6 +349,67 @@ class FreezeThawOptimizer:
         self._searcher_state_committed = state.get("searcher", {})
         self.searcher.load_state_dict(self._searcher_state_committed)
         self._pending = None
+        self.running = {int(k): dict(v) for k, v in state.get("running", {}).items()}
+        for trial_id in self.running:
+            self.trials[trial_id].status = TrialStatus.RUNNING
+
+    # ------------------------------------------------------------------ several suggestions in flight
+    def claim(self, owner: dict[str, Any]) -> Suggestion | None:
+        """Like :meth:`ask`, for several workers sharing one persisted study: the suggestion stays *running*.
+
+        A running suggestion is part of :meth:`state_dict` (with ``owner``, e.g. the worker's pid), its
+        trial is no candidate, and its epoch counts against the budget until it is completed with
+        :meth:`complete` or given back with :meth:`release`. Use it on a freshly loaded state and save
+        the state right after, under a lock shared by the workers.
+
+        Returns:
+            The suggestion, or ``None`` when the budget is spent (counting running epochs) or nothing is
+            left to train now.
+        """
+        if self._pending is not None:
+            raise RuntimeError("claim() cannot be mixed with a pending ask()")
+        if self.epochs_spent + len(self.running) >= self.budget:
+            return None
+        decision = len(self.decisions) + len(self.running)
+        choice = self._choose(decision)
+        if choice is None:
+            return None
+        trial, kind, epoch, info = choice
+        self._searcher_state_committed = self.searcher.state_dict()
+        self.running[trial.id] = {
+            "kind": kind.value,
+            "epoch": epoch,
+            "decision": decision,
+            "info": info,
+            "owner": dict(owner),
+        }
+        return Suggestion(kind, trial.id, dict(trial.config), epoch, decision)
+
+    def complete(
+        self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0, error: str | None = None
+    ) -> list[int]:
+        """Record the outcome of an epoch from :meth:`claim` (``error`` set: it failed); see :meth:`tell`."""
+        record = self.running.get(trial_id)
+        if record is None or record["epoch"] != epoch:
+            raise RuntimeError(f"trial {trial_id} epoch {epoch} is not running")
+        del self.running[trial_id]
+        kind = SuggestionKind(record["kind"])
+        self._pending = Suggestion(kind, trial_id, dict(self.trials[trial_id].config), epoch, record["decision"])
+        self._pending_info = dict(record.get("info", {}))
+        self._searcher_state_after_ask = self._searcher_state_committed
+        if error is not None:
+            return self.tell_failure(trial_id, epoch, error, wall_s)
+        return self.tell(trial_id, epoch, value, wall_s)
+
+    def release(self, trial_id: int) -> None:
+        """Give an epoch from :meth:`claim` back untrained (its worker died): the trial is paused again or forgotten."""
+        record = self.running.pop(trial_id, None)
+        if record is None:
+            return
+        if record["kind"] == SuggestionKind.START.value:
+            del self.trials[trial_id]
+        else:
+            self.trials[trial_id].status = TrialStatus.PAUSED
 
 
 def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:

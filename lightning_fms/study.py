@@ -157,6 +157,15 @@ class StudyDirectory:
         """Where weight snapshots for the featurizer live."""
         return self.path / "weights"
 
+    def delete_checkpoints_except(self, trial_id: int, keep: Path | None) -> None:
+        """Delete the trial's checkpoint files other than ``keep`` (all of them when ``keep`` is None)."""
+        trial_dir = self.trial_dir(trial_id)
+        if not trial_dir.exists():
+            return
+        for path in trial_dir.glob("*.ckpt"):
+            if keep is None or path != keep:
+                path.unlink(missing_ok=True)
+
     def verify_checkpoint(self, path: Path, sha256: str | None) -> None:
         """Check that a checkpoint is the one the study wrote.
 

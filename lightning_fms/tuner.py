@@ -361,12 +361,7 @@ class FMSTuner:
     def _delete_unreferenced(self, trial_id: int) -> None:
         """Delete a trial's checkpoint files that the persisted state no longer references."""
         keep = self._checkpoints.get(trial_id)
-        trial_dir = self.study.trial_dir(trial_id)
-        if not trial_dir.exists():
-            return
-        for path in trial_dir.glob("*.ckpt"):
-            if keep is None or path != self.study.path / keep["path"]:
-                path.unlink(missing_ok=True)
+        self.study.delete_checkpoints_except(trial_id, self.study.path / keep["path"] if keep else None)
 
     def _delete_orphans(self) -> None:
         trials_dir = self.study.path / "trials"
