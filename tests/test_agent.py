@@ -46,7 +46,7 @@ data = DigitsDataModule(task="target", batch_size=args.batch_size)
 trainer = Trainer(max_epochs=3, callbacks=[FMSCheckpointCallback()], logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                   accelerator="cpu", devices=1)
-trainer.fit(module, datamodule=data, ckpt_path=args.ckpt_path, weights_only=False)
+trainer.fit(module, datamodule=data, ckpt_path=args.ckpt_path, weights_only=True)
 '''
 
 SPACE = {

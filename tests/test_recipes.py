@@ -88,3 +88,20 @@ def test_docs_pages_link_to_existing_recipes(page):
     text = (ROOT / "docs" / page).read_text()
     for target in re.findall(r"\]\((\.\./recipes/[^)#]+)\)", text):
         assert (ROOT / "docs" / target).resolve().exists(), target
+
+
+def test_agent_recipe_as_documented(tmp_path):
+    """recipes/agent: the documented `lightning-fms agent ... -- python recipes/agent/finetune.py`, tiny budget."""
+    study = tmp_path / "agent-study"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_fms.cli", "agent", "--study_dir", str(study),
+         "--space", str(ROOT / "recipes/agent/space.yaml"), "--budget", "4", "--monitor", "val_acc",
+         "--mode", "max", "--max_epochs_per_trial", "2", "--seed", "0", "--quiet",
+         "--", sys.executable, str(ROOT / "recipes/agent/finetune.py"), "--max_epochs", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((study / "results.json").read_text())
+    assert results["epochs_spent"] == 4
+    assert results["best"]["value"] > 0.2
+    assert all(t["error"] is None for t in results["trials"])
