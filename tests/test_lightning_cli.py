@@ -240,3 +240,16 @@ def test_wandb_options_without_wandb_say_what_to_install(in_cli_dir, tmp_path, m
     err = capsys.readouterr().err
     assert "lightning-fms: error: W&B logging needs the wandb package: pip install 'lightning_fms[wandb]'" in err
     assert not (tmp_path / "s" / "trials").exists()
+
+
+def test_hub_weight_files_feed_the_featurizer(in_cli_dir, tmp_path):
+    """FMS through the CLI: the weight files of the hub choice are the featurizer's starting weights."""
+    study = tmp_path / "study"
+    cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
+                   "--tuner.budget", "4", "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study),
+                   "--tuner.max_epochs_key", "model.max_epochs", "--tuner.weights", "stats", *FAST)  # fmt: skip
+    assert cli.tune_result is not None and cli.tune_result.epochs_spent == 4
+    # every trained epoch left a weight snapshot for the featurizer, as safetensors
+    snapshots = sorted(p.name for p in (study / "weights").glob("*.safetensors"))
+    assert len(snapshots) == 4
+    assert cli.tune_result.best_value is not None
