@@ -149,7 +149,7 @@ class InProcessExecutor:
         net = self.pretrained_module(entry)
         if net is not None:
             kwargs[self.hub_argument] = net
-        if self.epochs_argument and _accepts(self.module_factory, self.epochs_argument):
+        if self.epochs_argument and accepts_argument(self.module_factory, self.epochs_argument):
             kwargs.setdefault(self.epochs_argument, self.cap)
         module = _call(self.module_factory, kwargs, "module")
         datamodule = _call(self.datamodule_factory, {**self.datamodule_options, **data_args}, "datamodule")
@@ -226,11 +226,12 @@ def _divergence(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     return None
 
 
-def _accepts(factory: Callable[..., Any], name: str) -> bool:
+def accepts_argument(factory: Callable[..., Any], name: str, unknown: bool = False) -> bool:
+    """Whether ``factory(**{name: ...})`` is a valid call; ``unknown`` when its signature cannot be read."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return False
+        return unknown
     return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 

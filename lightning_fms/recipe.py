@@ -25,7 +25,6 @@ and ``$VARS``) and, when relative, taken from the recipe's folder.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 import yaml
 
 from lightning_fms.errors import FMSError
+from lightning_fms.executor import accepts_argument
 from lightning_fms.hub import ModelHub
 from lightning_fms.space import SearchSpace
 
@@ -261,21 +261,13 @@ def _check_space_targets(space: SearchSpace, module_cls: Any, data_cls: Any, hub
         cls = {"model": module_cls, "data": data_cls}.get(target)
         if cls is None:
             raise FMSError(f"space key {name!r}: prefix must be 'model.' or 'data.'")
-        if not _accepts(cls, key):
+        if not accepts_argument(cls, key, unknown=True):
             raise FMSError(f"space key {name!r}: {getattr(cls, '__name__', cls)} has no argument {key!r}")
-    if space.hub_key is not None and not _accepts(module_cls, hub_argument):
+    if space.hub_key is not None and not accepts_argument(module_cls, hub_argument, unknown=True):
         raise FMSError(
             f"the model {getattr(module_cls, '__name__', module_cls)} has no argument {hub_argument!r} "
             "for the hub module"
         )
-
-
-def _accepts(factory: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
