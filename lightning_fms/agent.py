@@ -58,9 +58,9 @@ from lightning_fms.scheduler import FreezeThawOptimizer, Suggestion, SuggestionK
 from lightning_fms.searcher import build_searcher
 from lightning_fms.seeding import derive_seed, seed_everything_quietly
 from lightning_fms.space import SearchSpace
-from lightning_fms.study import StudyDirectory, atomic_write_bytes, file_sha256
+from lightning_fms.study import StudyDirectory, file_sha256
 from lightning_fms.sweep import read_space_file
-from lightning_fms.trial import TrialStatus, to_score
+from lightning_fms.trial import TrialStatus
 
 __all__ = ["AgentSettings", "StudyAgent", "command_line"]
 
@@ -393,11 +393,7 @@ class StudyAgent:
             checkpoints.pop(str(trial_id), None)
         else:
             best = agent.get("best")
-            if math.isfinite(outcome.value) and (
-                best is None or to_score(outcome.value, optimizer.mode) > to_score(best["value"], optimizer.mode)
-            ):
-                atomic_write_bytes(self.study.best_checkpoint_path, out.read_bytes())
-                agent["best"] = {"trial": trial_id, "epoch": epoch, "value": outcome.value}
+            agent["best"] = self.study.keep_if_best(best, out, trial_id, epoch, outcome.value, optimizer.mode)
             checkpoints[str(trial_id)] = {"path": str(out.relative_to(self.study.path)), "sha256": file_sha256(out)}
             stopped = optimizer.complete(trial_id, epoch, outcome.value, outcome.wall_s)
             if optimizer.trials[trial_id].status != TrialStatus.PAUSED:

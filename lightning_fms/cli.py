@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, error_line
 
 EXIT_USAGE = 2
 
@@ -142,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "agent":
             return _agent(args, command)
     except FMSError as error:
-        message = " ".join(str(error).split())
-        print(f"lightning-fms: error: {message}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lightning-fms: interrupted; the study keeps every completed epoch", file=sys.stderr)

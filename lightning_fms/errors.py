@@ -11,6 +11,11 @@ class FMSError(Exception):
     """
 
 
+def error_line(error: BaseException) -> str:
+    """The one line the command line prints for a user error: ``lightning-fms: error: <message>``."""
+    return "lightning-fms: error: " + " ".join(str(error).split())
+
+
 class StudyLockedError(FMSError):
     """Another tuner already holds the study directory."""
 

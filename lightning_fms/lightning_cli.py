@@ -56,7 +56,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, error_line
 from lightning_fms.executor import TUNER_TRAINER_KEYS, EpochJob, EpochOutcome, InProcessExecutor
 from lightning_fms.hub import HubEntry, ModelHub
 from lightning_fms.quiet import quiet_lightning
@@ -164,8 +164,7 @@ class TunerOptions:
 
 
 def _exit_with(error: FMSError) -> NoReturn:
-    message = " ".join(str(error).split())
-    print(f"lightning-fms: error: {message}", file=sys.stderr)
+    print(error_line(error), file=sys.stderr)
     raise SystemExit(2)
 
 

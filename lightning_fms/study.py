@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
+from lightning_fms.trial import to_score
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -156,6 +158,21 @@ class StudyDirectory:
     def weights_dir(self) -> Path:
         """Where weight snapshots for the featurizer live."""
         return self.path / "weights"
+
+    def keep_if_best(
+        self, best: dict[str, Any] | None, checkpoint: Path, trial_id: int, epoch: int, value: float, mode: str
+    ) -> dict[str, Any] | None:
+        """Copy ``checkpoint`` to ``best.ckpt`` when ``value`` beats ``best``.
+
+        Returns:
+            The best record after this epoch: ``{"trial", "epoch", "value"}`` (``best`` when not beaten).
+        """
+        if best is not None and to_score(value, mode) <= to_score(best["value"], mode):
+            return best
+        if not math.isfinite(value):
+            return best
+        atomic_write_bytes(self.best_checkpoint_path, checkpoint.read_bytes())
+        return {"trial": trial_id, "epoch": epoch, "value": value}
 
     def delete_checkpoints_except(self, trial_id: int, keep: Path | None) -> None:
         """Delete the trial's checkpoint files other than ``keep`` (all of them when ``keep`` is None)."""

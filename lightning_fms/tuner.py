@@ -38,8 +38,8 @@ from lightning_fms.searcher import SurrogateSearcher, build_searcher
 from lightning_fms.seeding import derive_seed, seed_everything_quietly
 from lightning_fms.snapshots import WeightSnapshots
 from lightning_fms.space import SearchSpace
-from lightning_fms.study import StudyDirectory, atomic_write_bytes, file_sha256
-from lightning_fms.trial import TrialStatus, to_score
+from lightning_fms.study import StudyDirectory, file_sha256
+from lightning_fms.trial import TrialStatus
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,7 @@ class FMSTuner:
         else:
             if self.snapshots is not None and outcome.weights is not None:
                 self.snapshots.put(("trial", trial_id, epoch), outcome.weights)
-            if self._is_new_best(outcome.value):
-                self._copy_best(out, trial_id, epoch, outcome.value)
+            self._best = self.study.keep_if_best(self._best, out, trial_id, epoch, outcome.value, self.mode)
             self._checkpoints[trial_id] = {
                 "path": str(out.relative_to(self.study.path)),
                 "sha256": file_sha256(out),
@@ -321,15 +320,6 @@ class FMSTuner:
             observer.on_epoch_end(self, self.optimizer.trials[trial_id], epoch, dict(outcome.metrics))
 
     # ------------------------------------------------------------------ best checkpoint
-    def _is_new_best(self, value: float) -> bool:
-        if self._best is None:
-            return True
-        return to_score(value, self.mode) > to_score(self._best["value"], self.mode)
-
-    def _copy_best(self, source: Path, trial_id: int, epoch: int, value: float) -> None:
-        atomic_write_bytes(self.study.best_checkpoint_path, source.read_bytes())
-        self._best = {"trial": trial_id, "epoch": epoch, "value": value}
-
     def _best_label(self) -> str:
         if self._best is None:
             return "-"
