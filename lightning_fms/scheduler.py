@@ -19,6 +19,7 @@ restarted after a crash makes the very decisions it would have made had it never
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from lightning_fms.errors import FMSError
-from lightning_fms.rows import Candidate, ModuleProvider
-from lightning_fms.searcher import Searcher, SelectionContext
+from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
+from lightning_fms.searcher import Searcher, SelectionContext, SurrogateSearcher
 from lightning_fms.seeding import derive_seed
 from lightning_fms.space import SearchSpace
 from lightning_fms.trial import Trial, TrialStatus, to_score
@@ -82,6 +83,10 @@ class FreezeThawOptimizer:
         max_paused_trials: Keep at most this many paused trials (and their checkpoints); beyond it the
             paused trial with the worst latest score is stopped. ``None``: no limit.
         modules: Builds a module for a weight key (needed when the searcher uses weights).
+        configurations: A finite pool to choose fresh configurations from instead of sampling the
+            space (e.g. a benchmark's tabulated pool or a user's grid); each must be valid for ``space``.
+            Each decision offers up to ``num_fresh_candidates`` of the pool's not yet started
+            configurations (all of them when fewer are left).
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class FreezeThawOptimizer:
         num_startup_trials: int = 2,
         max_paused_trials: int | None = None,
         modules: ModuleProvider | None = None,
+        configurations: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise FMSError(f"budget must be an integer >= 1 epoch, got {budget!r}")
@@ -112,6 +118,16 @@ class FreezeThawOptimizer:
             raise FMSError(f"num_fresh_candidates must be >= 1, got {num_fresh_candidates}")
         if max_paused_trials is not None and max_paused_trials < 1:
             raise FMSError(f"max_paused_trials must be >= 1 or None, got {max_paused_trials}")
+        if configurations is not None:
+            configurations = [dict(c) for c in configurations]
+            if not configurations:
+                raise FMSError("configurations must hold at least one configuration")
+            for i, config in enumerate(configurations):
+                try:
+                    space.validate(config)
+                except FMSError as error:
+                    raise FMSError(f"configuration #{i} does not fit the space: {error}") from None
+        self.configurations = configurations
         self.space = space
         self.searcher = searcher
         self.budget = budget
@@ -160,6 +176,12 @@ class FreezeThawOptimizer:
         rng = np.random.default_rng(derive_seed(self.seed, "fresh", decision))
         seen = {_config_key(t.config) for t in self.trials.values()}
         fresh: list[Candidate] = []
+        if self.configurations is not None:
+            unseen = [c for c in self.configurations if _config_key(c) not in seen]
+            if len(unseen) > self.num_fresh_candidates:
+                picks = rng.choice(len(unseen), size=self.num_fresh_candidates, replace=False)
+                unseen = [unseen[i] for i in sorted(picks)]
+            return paused + [Candidate(None, dict(c), 1) for c in unseen]
         for _ in range(self.num_fresh_candidates * 4):
             config = self.space.sample(rng)
             key = _config_key(config)
@@ -169,6 +191,46 @@ class FreezeThawOptimizer:
             if len(fresh) == self.num_fresh_candidates:
                 break
         return paused + fresh
+
+    def predict(self, configs: Sequence[dict[str, Any]], epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The surrogate's forecast of each configuration's score at ``epoch`` from what is known now.
+
+        A configuration some trial has trained is forecast from its learning curve and its latest
+        weights; any other from its pretrained weights. The surrogate is used as last fitted (no refit).
+
+        Args:
+            configs: ``M`` configurations.
+            epoch: The epoch to forecast (default: the per-trial cap).
+
+        Returns:
+            ``(mean, variance)``, each ``[M]`` float64, in score units (larger is better; for
+            ``mode="min"`` the negated metric).
+
+        Raises:
+            FMSError: the searcher has no surrogate, or it was not fitted yet.
+        """
+        if not isinstance(self.searcher, SurrogateSearcher):
+            raise FMSError(f"{type(self.searcher).__name__} makes no forecasts; use a surrogate searcher")
+        epoch = self.cap if epoch is None else int(epoch)
+        if not 1 <= epoch <= self.cap:
+            raise FMSError(f"epoch must be in [1, {self.cap}], got {epoch}")
+        by_key = {_config_key(t.config): t for t in self.trials.values() if t.status != TrialStatus.RUNNING}
+        specs = []
+        for config in configs:
+            trial = by_key.get(_config_key(config))
+            known = min(trial.epochs, epoch - 1) if trial is not None else 0
+            if trial is None or known == 0 or any(not math.isfinite(v) for v in trial.values[:known]):
+                specs.append(RowSpec(dict(config), epoch, (), pretrained_key(self.space, config)))
+                continue
+            curve = tuple(to_score(v, self.mode) for v in trial.values[:known])
+            weight_key = weight_key_before(self.space, trial.id, config, known + 1)
+            specs.append(RowSpec(dict(config), epoch, curve, weight_key))
+        context = SelectionContext(self.space, self.trials, self.mode, self.cap, self.modules)
+        try:
+            mean, variance = self.searcher.predict(context, specs)
+        except (RuntimeError, AttributeError) as error:
+            raise FMSError(f"the surrogate cannot forecast yet (is it fitted?): {error}") from None
+        return mean.double().numpy(), variance.double().numpy()
 
     # ------------------------------------------------------------------ ask / tell
     def ask(self) -> Suggestion | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lightning_fms.errors import FMSError
-from lightning_fms.rows import Candidate, ModuleProvider, candidate_specs, encode_rows, training_specs
+from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
 from lightning_fms.space import SearchSpace
 from lightning_fms.surrogate import Surrogate, budget_incumbents, build_surrogate, expected_improvement
 from lightning_fms.threads import torch_threads
@@ -125,6 +125,20 @@ class SurrogateSearcher(Searcher):
                 "surrogate_s": time.perf_counter() - start,
             },
         )
+
+    def predict(self, context: SelectionContext, specs: Sequence[RowSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fitted surrogate's posterior for rows (no refit; call after at least one :meth:`select` that fit).
+
+        Args:
+            context: As for :meth:`select`.
+            specs: ``M`` rows to predict.
+
+        Returns:
+            ``(mean, variance)``, each ``[M]``, in score units (larger is better).
+        """
+        modules = context.modules if self.uses_weights else None
+        with torch_threads(self.cpu_threads):
+            return self.surrogate.posterior(encode_rows(context.space, specs, context.cap, modules))
 
     def state_dict(self) -> dict[str, Any]:
         """The surrogate's state."""

@@ -148,3 +148,48 @@ def test_state_from_other_settings_is_refused():
     other = make(seed=1)
     with pytest.raises(FMSError, match="another seed"):
         other.load_state_dict(opt.state_dict())
+
+
+def test_configurations_restrict_fresh_candidates_to_the_pool():
+    import numpy as np
+
+    space = SearchSpace.from_dict(SPACE)
+    rng = np.random.default_rng(1)
+    pool = [space.sample(rng) for _ in range(7)]
+    opt = make(RandomSearcher(), budget=21, configurations=pool, num_fresh_candidates=3)
+    run(opt)
+    started = [t.config for t in opt.trials.values()]
+    assert all(c in pool for c in started)
+    # 7 configurations x 3 epochs = 21: every configuration of the pool is used once, none twice.
+    assert len(started) == 7 and len({tuple(sorted(c.items())) for c in started}) == 7
+    assert opt.ask() is None
+
+
+def test_configurations_are_validated_against_the_space():
+    with pytest.raises(FMSError, match="configuration #1 does not fit the space"):
+        make(configurations=[{"model.lr": 0.1, "model.width": 2}, {"model.lr": 5.0, "model.width": 2}])
+    with pytest.raises(FMSError, match="at least one"):
+        make(configurations=[])
+
+
+def test_predict_forecasts_the_same_configurations_it_is_given():
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    space = SearchSpace.from_dict(SPACE)
+    rng = np.random.default_rng(0)
+    pool = [space.sample(rng) for _ in range(24)]
+    surrogate = DeepKernelSurrogate(x_dim=space.dim, curve_length=3, full_fit_steps=300, refine_steps=20)
+    opt = make(SurrogateSearcher(surrogate), budget=24, configurations=pool, num_fresh_candidates=24)
+    with pytest.raises(FMSError, match="makes no forecasts"):
+        make(RandomSearcher()).predict(pool)
+    run(opt)
+    mean, variance = opt.predict(pool)
+    assert mean.shape == variance.shape == (24,) and np.all(variance > 0)
+    truth = [fake_value(c, 3) for c in pool]
+    assert kendalltau(mean, truth).statistic > 0.3
+    # A trained configuration is forecast from its curve: reversing the pool reverses the forecasts.
+    reversed_mean, _ = opt.predict(pool[::-1])
+    np.testing.assert_allclose(reversed_mean, mean[::-1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(FMSError, match="epoch must be in"):
+        opt.predict(pool, epoch=4)
