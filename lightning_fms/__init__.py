@@ -8,6 +8,7 @@ which one gets the next epoch.
 from lightning_fms.callback import EpochReport, FMSCheckpointCallback
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
 from lightning_fms.fidelity import FrozenUnits, LayerUnit, layer_units, set_trainable_units, trainable_fraction
+from lightning_fms.frozen_layers import FrozenLayers
 from lightning_fms.hub import HubEntry, ModelHub, load_weights_file
 from lightning_fms.lightning_cli import FMSLightningCLI, TunerOptions, WandbOptions
 from lightning_fms.loggers import WandbStudyLogger
@@ -59,6 +60,7 @@ __all__ = [
     "WandbStudyLogger",
     "read_space_file",
     "space_from_sweep",
+    "FrozenLayers",
     "FrozenUnits",
     "LayerUnit",
     "layer_units",

@@ -27,6 +27,8 @@ import torch
 
 from lightning_fms.callback import FMSCheckpointCallback
 from lightning_fms.errors import FMSError
+from lightning_fms.fidelity import FrozenUnits, layer_units
+from lightning_fms.frozen_layers import fraction_costs, units_for_fraction
 from lightning_fms.hub import ModelHub
 from lightning_fms.quiet import quiet_lightning
 from lightning_fms.seeding import TrialSeeder, derive_seed, seed_everything_quietly
@@ -57,6 +59,8 @@ class EpochJob:
     checkpoint_out: Path
     log_dir: Path
     seed: int
+    trainable_fraction: float | None = None
+    """Share of layer units trained in this epoch (frozen-layer fidelity); ``None``: no layers frozen."""
 
 
 @dataclass
@@ -155,6 +159,24 @@ class InProcessExecutor:
         datamodule = _call(self.datamodule_factory, {**self.datamodule_options, **data_args}, "datamodule")
         return module, datamodule
 
+    def layer_target(self, module: pl.LightningModule) -> torch.nn.Module:
+        """The part of a trial's module split into layer units: the hub network, else the whole module."""
+        attribute = self.weights_attribute or ""
+        return module.get_submodule(attribute) if attribute else module
+
+    def frozen_layer_costs(self, config: dict[str, Any], fractions: tuple[float, ...]) -> tuple[float, ...]:
+        """The frozen-layer cost model of ``config``'s architecture at each fraction (one real batch).
+
+        See :func:`lightning_fms.frozen_layers.fraction_costs`.
+        """
+        module, datamodule = self.build(config, seed=0)
+        with quiet_lightning():
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            batch = next(iter(datamodule.train_dataloader()))
+        _, costs = fraction_costs(module, self.layer_target(module), batch, fractions)
+        return costs
+
     # ------------------------------------------------------------------ running
     def run_epoch(self, job: EpochJob) -> EpochOutcome:
         """Train one epoch and write the trial's checkpoint.
@@ -170,12 +192,17 @@ class InProcessExecutor:
             weights_attribute=self.weights_attribute if self.record_weights else None,
             stop_after_epoch=job.epoch,
         )
+        callbacks: list[pl.Callback] = [TrialSeeder(derive_seed(job.seed, "trial", job.trial_id)), callback]
+        if job.trainable_fraction is not None:
+            net = self.layer_target(module)
+            k = units_for_fraction(job.trainable_fraction, len(layer_units(net)))
+            callbacks.append(FrozenUnits(k, attribute=self.weights_attribute or ""))
         job.log_dir.mkdir(parents=True, exist_ok=True)
         outcome = EpochOutcome()
         with quiet_lightning():
             trainer = pl.Trainer(
                 max_epochs=job.epoch,
-                callbacks=[TrialSeeder(derive_seed(job.seed, "trial", job.trial_id)), callback],
+                callbacks=callbacks,
                 logger=TrialCSVLogger(save_dir=str(job.log_dir), name="", version="logs"),
                 enable_checkpointing=False,
                 enable_progress_bar=False,

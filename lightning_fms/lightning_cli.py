@@ -133,6 +133,8 @@ class TunerOptions:
         max_paused_trials: Bound on paused trials (their checkpoints).
         surrogate_options: Extra surrogate arguments.
         featurizer_options: Extra featurizer arguments.
+        frozen_layers: The frozen-layer fidelity: ``true`` (fractions 0.25, 0.5, 1), a list of trainable
+            fractions, or off (default); see :mod:`lightning_fms.frozen_layers`.
         preflight: Check with a one-batch fit that the monitored metric is logged, before the study.
         progress: Show a live progress display.
         wandb: W&B logging.
@@ -158,6 +160,7 @@ class TunerOptions:
     max_paused_trials: int | None = None
     surrogate_options: dict[str, Any] | None = None
     featurizer_options: dict[str, Any] | None = None
+    frozen_layers: bool | list[float] | None = None
     preflight: bool = True
     progress: bool = True
     wandb: WandbOptions = field(default_factory=WandbOptions)
@@ -337,8 +340,21 @@ class FMSLightningCLI(LightningCLI):
             featurizer_options=options.featurizer_options,
             progress=options.progress,
             observers=observers,
+            frozen_layers=options.frozen_layers,
+            executor=_CLIExecutor(
+                builder,
+                InProcessExecutor(
+                    _not_used,
+                    _not_used,
+                    space,
+                    builder.hub,
+                    monitor=monitor,
+                    cap=options.max_epochs_per_trial,
+                    epochs_argument="",
+                    weights_attribute=options.weights_attribute,
+                ),
+            ),
         )
-        tuner.executor = _CLIExecutor(builder, tuner.executor)
         if options.preflight:
             builder.preflight(model, datamodule, monitor)
         result = tuner.run()

@@ -46,11 +46,12 @@ class StudyProgress:
     def update(self, optimizer: FreezeThawOptimizer, best: str) -> None:
         """Show the optimizer's current numbers."""
         spent = optimizer.epochs_spent
-        self._progress.update(self._task, completed=spent, trials=len(optimizer.trials), best=best)
+        self._progress.update(self._task, completed=optimizer.budget_spent, trials=len(optimizer.trials), best=best)
         if self.enabled and not self.console.is_terminal and spent != self._last_logged:
-            if spent % self.log_every == 0 or spent == optimizer.budget:
+            if spent % self.log_every == 0 or optimizer.is_done:
                 self.console.print(
-                    f"FMS {spent}/{optimizer.budget} epochs · {len(optimizer.trials)} trials · best {best}",
+                    f"FMS {optimizer.budget_spent:.4g}/{optimizer.budget} epochs · {len(optimizer.trials)} trials · "
+                    f"best {best}",
                     highlight=False,
                 )
                 self._last_logged = spent

@@ -65,6 +65,7 @@ TUNER_KEYS = {
     "surrogate_options",
     "featurizer_options",
     "weights_attribute",
+    "frozen_layers",
 }
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 TRAJECTORY_COLUMNS = (
     "epochs_spent",
+    "budget_spent",
     "decision",
     "trial",
     "epoch",
@@ -27,6 +28,7 @@ TRAJECTORY_COLUMNS = (
     "best_so_far",
     "wall_s",
     "surrogate_s",
+    "trainable_fraction",
 )
 
 
@@ -46,6 +48,7 @@ def trajectory_rows(optimizer: FreezeThawOptimizer, families: dict[str, str]) ->
         rows.append(
             {
                 "epochs_spent": decision["epochs_spent"],
+                "budget_spent": round(float(decision.get("budget_spent", decision["epochs_spent"])), 6),
                 "decision": decision["decision"],
                 "trial": decision["trial"],
                 "epoch": decision["epoch"],
@@ -56,6 +59,7 @@ def trajectory_rows(optimizer: FreezeThawOptimizer, families: dict[str, str]) ->
                 "best_so_far": best,
                 "wall_s": round(float(decision.get("wall_s", 0.0)), 4),
                 "surrogate_s": round(float(decision.get("surrogate_s", 0.0)), 4),
+                "trainable_fraction": float(decision.get("trainable_fraction", 1.0)),
             }
         )
     return rows
@@ -120,6 +124,7 @@ def write_results(
         "seed": optimizer.seed,
         "budget": optimizer.budget,
         "epochs_spent": optimizer.epochs_spent,
+        "budget_spent": round(optimizer.budget_spent, 6),
         "max_epochs_per_trial": optimizer.cap,
         "best": best_block,
         "time": {

@@ -33,21 +33,31 @@ ModuleProvider = Callable[[WeightKey, dict[str, Any]], nn.Module]
 
 @dataclass(frozen=True)
 class Candidate:
-    """A possible next step: train ``epoch`` of ``trial_id``, or of a fresh configuration when ``trial_id`` is None."""
+    """A possible next step: train ``epoch`` of ``trial_id``, or of a fresh configuration when ``trial_id`` is None.
+
+    ``fraction`` is the share of layer units trainable in that epoch and ``cost`` what the epoch is charged in
+    full-epoch equivalents (both 1 unless the frozen-layer fidelity is on, see :mod:`lightning_fms.frozen_layers`).
+    """
 
     trial_id: int | None
     config: dict[str, Any]
     epoch: int
+    fraction: float = 1.0
+    cost: float = 1.0
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One row before encoding: predict ``epoch`` of ``config`` from ``curve`` (scores before it) and ``weight_key``."""
+    """One row before encoding: predict ``epoch`` of ``config`` from ``curve`` (scores before it) and ``weight_key``.
+
+    ``fraction`` is the trainable fraction of layer units in that epoch (1 without the frozen-layer fidelity).
+    """
 
     config: dict[str, Any]
     epoch: int
     curve: tuple[float, ...]
     weight_key: WeightKey
+    fraction: float = 1.0
 
 
 def pretrained_key(space: SearchSpace, config: dict[str, Any]) -> WeightKey:
@@ -73,9 +83,8 @@ def training_specs(space: SearchSpace, trials: Sequence[Trial], mode: str) -> tu
         for k, score in enumerate(scores, start=1):
             if score == -float("inf"):
                 break
-            specs.append(
-                RowSpec(trial.config, k, tuple(scores[: k - 1]), weight_key_before(space, trial.id, trial.config, k))
-            )
+            key = weight_key_before(space, trial.id, trial.config, k)
+            specs.append(RowSpec(trial.config, k, tuple(scores[: k - 1]), key, trial.fraction_of(k)))
             targets.append(score)
     return specs, targets
 
@@ -87,20 +96,23 @@ def candidate_specs(
     specs = []
     for cand in candidates:
         if cand.trial_id is None:
-            specs.append(RowSpec(cand.config, 1, (), pretrained_key(space, cand.config)))
+            specs.append(RowSpec(cand.config, 1, (), pretrained_key(space, cand.config), cand.fraction))
             continue
         trial = trials[cand.trial_id]
         if cand.epoch != trial.epochs + 1:
             raise ValueError(f"candidate for trial {trial.id} must be epoch {trial.epochs + 1}, got {cand.epoch}")
         scores = tuple(to_score(v, mode) for v in trial.values)
-        specs.append(
-            RowSpec(trial.config, cand.epoch, scores, weight_key_before(space, trial.id, trial.config, cand.epoch))
-        )
+        key = weight_key_before(space, trial.id, trial.config, cand.epoch)
+        specs.append(RowSpec(trial.config, cand.epoch, scores, key, cand.fraction))
     return specs
 
 
 def encode_rows(
-    space: SearchSpace, specs: Sequence[RowSpec], cap: int, modules: ModuleProvider | None = None
+    space: SearchSpace,
+    specs: Sequence[RowSpec],
+    cap: int,
+    modules: ModuleProvider | None = None,
+    fraction_feature: bool = False,
 ) -> SurrogateRows:
     """Encode row specs into a :class:`SurrogateRows` batch.
 
@@ -109,12 +121,17 @@ def encode_rows(
         specs: ``N`` rows.
         cap: The per-trial epoch cap ``L`` (curve width and budget scale).
         modules: Returns the module (architecture + weights) for a weight key; ``None`` leaves weights out.
+        fraction_feature: Append each row's trainable fraction as a last column of ``x`` (the
+            frozen-layer fidelity's coordinate).
 
     Returns:
-        Rows with ``x`` ``[N, space.dim]``, ``budget`` ``[N]``, ``curves`` ``[N, cap]``.
+        Rows with ``x`` ``[N, space.dim]`` (``[N, space.dim + 1]`` with ``fraction_feature``), ``budget``
+        ``[N]``, ``curves`` ``[N, cap]``.
     """
     n = len(specs)
     x = space.encode_many([s.config for s in specs]).float()
+    if fraction_feature:
+        x = torch.cat([x, torch.tensor([[s.fraction] for s in specs], dtype=torch.float32).reshape(n, 1)], dim=1)
     budget = torch.tensor([s.epoch / cap for s in specs], dtype=torch.float32)
     curves = torch.zeros(n, cap, dtype=torch.float32)
     lengths = torch.zeros(n, dtype=torch.long)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lightning_fms.errors import FMSError
+from lightning_fms.frozen_layers import FrozenLayers
 from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
 from lightning_fms.searcher import Searcher, SelectionContext, SurrogateSearcher
 from lightning_fms.seeding import derive_seed
@@ -34,6 +35,7 @@ from lightning_fms.space import SearchSpace
 from lightning_fms.trial import Trial, TrialStatus, to_score
 
 STATE_VERSION = 1
+_SLACK = 1e-9
 
 
 class SuggestionKind(str, Enum):
@@ -56,6 +58,8 @@ class Suggestion:
     config: dict[str, Any]
     epoch: int
     decision: int
+    fraction: float = 1.0
+    """Share of layer units to train in this epoch (< 1 only with the frozen-layer fidelity)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class FreezeThawOptimizer:
         max_paused_trials: int | None = None,
         modules: ModuleProvider | None = None,
         configurations: Sequence[dict[str, Any]] | None = None,
+        frozen_layers: FrozenLayers | None = None,
     ) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise FMSError(f"budget must be an integer >= 1 epoch, got {budget!r}")
@@ -128,6 +133,7 @@ class FreezeThawOptimizer:
                 except FMSError as error:
                     raise FMSError(f"configuration #{i} does not fit the space: {error}") from None
         self.configurations = configurations
+        self.frozen_layers = frozen_layers
         self.space = space
         self.searcher = searcher
         self.budget = budget
@@ -141,6 +147,7 @@ class FreezeThawOptimizer:
         self.trials: dict[int, Trial] = {}
         self.decisions: list[dict[str, Any]] = []
         self.epochs_spent = 0
+        self.budget_spent = 0.0
         self._pending: Suggestion | None = None
         self._pending_info: dict[str, Any] = {}
         self._searcher_state_after_ask: dict[str, Any] | None = None
@@ -151,8 +158,8 @@ class FreezeThawOptimizer:
     # ------------------------------------------------------------------ queries
     @property
     def is_done(self) -> bool:
-        """Whether the epoch budget is spent."""
-        return self.epochs_spent >= self.budget
+        """Whether the budget (in full-epoch equivalents) is spent."""
+        return self.budget_spent >= self.budget - _SLACK
 
     @property
     def pending(self) -> Suggestion | None:
@@ -171,26 +178,52 @@ class FreezeThawOptimizer:
         return best
 
     def candidates(self, decision: int) -> list[Candidate]:
-        """Paused trials at their next epoch, then fresh configurations at epoch 1 (seeded by ``decision``)."""
-        paused = [Candidate(t.id, t.config, t.epochs + 1) for t in self.trials.values() if t.is_resumable]
+        """Paused trials at their next epoch, then fresh configurations at epoch 1 (seeded by ``decision``).
+
+        With the frozen-layer fidelity each is offered at every allowed trainable fraction (a paused trial at
+        its last fraction or more), and candidates that cost more than the budget left are dropped.
+        """
+        fresh = self._fresh_configs(decision)
+        paused = [t for t in self.trials.values() if t.is_resumable]
+        fl = self.frozen_layers
+        if fl is None:
+            return [Candidate(t.id, t.config, t.epochs + 1) for t in paused] + [Candidate(None, c, 1) for c in fresh]
+        out = [
+            Candidate(t.id, t.config, t.epochs + 1, f, self._cost(t.config, f))
+            for t in paused
+            for f in fl.levels_from(t.last_fraction)
+        ]
+        out += [Candidate(None, c, 1, f, self._cost(c, f)) for c in fresh for f in fl.fractions]
+        left = self.budget - self.budget_spent + _SLACK
+        return [c for c in out if c.cost <= left]
+
+    def _cost(self, config: dict[str, Any], fraction: float) -> float:
+        """Full-epoch equivalents an epoch of ``config`` at ``fraction`` is charged."""
+        if self.frozen_layers is None:
+            return 1.0
+        key = str(config[self.space.hub_key]) if self.space.hub_key else ""
+        return self.frozen_layers.cost(key, fraction)
+
+    def _fresh_configs(self, decision: int) -> list[dict[str, Any]]:
+        """Fresh configurations offered at ``decision``: sampled from the space, or from ``configurations``."""
         rng = np.random.default_rng(derive_seed(self.seed, "fresh", decision))
         seen = {_config_key(t.config) for t in self.trials.values()}
-        fresh: list[Candidate] = []
+        fresh: list[dict[str, Any]] = []
         if self.configurations is not None:
             unseen = [c for c in self.configurations if _config_key(c) not in seen]
             if len(unseen) > self.num_fresh_candidates:
                 picks = rng.choice(len(unseen), size=self.num_fresh_candidates, replace=False)
                 unseen = [unseen[i] for i in sorted(picks)]
-            return paused + [Candidate(None, dict(c), 1) for c in unseen]
+            return [dict(c) for c in unseen]
         for _ in range(self.num_fresh_candidates * 4):
             config = self.space.sample(rng)
             key = _config_key(config)
             if key not in seen:
                 seen.add(key)
-                fresh.append(Candidate(None, config, 1))
+                fresh.append(config)
             if len(fresh) == self.num_fresh_candidates:
                 break
-        return paused + fresh
+        return fresh
 
     def predict(self, configs: Sequence[dict[str, Any]], epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The surrogate's forecast of each configuration's score at ``epoch`` from what is known now.
@@ -225,7 +258,7 @@ class FreezeThawOptimizer:
             curve = tuple(to_score(v, self.mode) for v in trial.values[:known])
             weight_key = weight_key_before(self.space, trial.id, config, known + 1)
             specs.append(RowSpec(dict(config), epoch, curve, weight_key))
-        context = SelectionContext(self.space, self.trials, self.mode, self.cap, self.modules)
+        context = self._context()
         try:
             mean, variance = self.searcher.predict(context, specs)
         except (RuntimeError, AttributeError) as error:
@@ -248,7 +281,8 @@ class FreezeThawOptimizer:
         if choice is None:
             return None
         trial, kind, epoch, info = choice
-        self._pending = Suggestion(kind, trial.id, dict(trial.config), epoch, decision)
+        fraction = float(info.get("trainable_fraction", 1.0))
+        self._pending = Suggestion(kind, trial.id, dict(trial.config), epoch, decision, fraction)
         self._pending_info = info
         self._searcher_state_after_ask = self.searcher.state_dict()
         return self._pending
@@ -266,7 +300,7 @@ class FreezeThawOptimizer:
             fresh = [i for i, c in enumerate(candidates) if c.trial_id is None]
             index, info = (fresh[0] if fresh else 0), {"surrogate_s": 0.0}
         else:
-            context = SelectionContext(self.space, self.trials, self.mode, self.cap, self.modules)
+            context = self._context()
             selection = self.searcher.select(context, candidates, derive_seed(self.seed, "surrogate", decision))
             index, info = selection.index, selection.info
         chosen = candidates[index]
@@ -278,7 +312,15 @@ class FreezeThawOptimizer:
             trial = self.trials[chosen.trial_id]
             kind = SuggestionKind.RESUME
         trial.status = TrialStatus.RUNNING
-        return trial, kind, chosen.epoch, {"candidates": len(candidates), **info}
+        info = {"candidates": len(candidates), **info}
+        if self.frozen_layers is not None:
+            info.update(trainable_fraction=chosen.fraction, cost=chosen.cost)
+        return trial, kind, chosen.epoch, info
+
+    def _context(self) -> SelectionContext:
+        return SelectionContext(
+            self.space, self.trials, self.mode, self.cap, self.modules, frozen_layers=self.frozen_layers is not None
+        )
 
     def tell(self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0) -> list[int]:
         """Record the monitored value after ``epoch`` of ``trial_id``.
@@ -291,6 +333,7 @@ class FreezeThawOptimizer:
             return self.tell_failure(trial_id, epoch, f"monitored value is {value} at epoch {epoch}", wall_s)
         trial.values.append(float(value))
         trial.wall_s.append(float(wall_s))
+        self._record_fraction(trial)
         trial.status = TrialStatus.FINISHED if trial.epochs >= self.cap else TrialStatus.PAUSED
         self._commit(trial, epoch, float(value), wall_s)
         return self._enforce_paused_limit()
@@ -301,6 +344,7 @@ class FreezeThawOptimizer:
         trial.status = TrialStatus.FAILED
         trial.error = error.strip().splitlines()[0][:500] if error.strip() else "failed"
         trial.wall_s.append(float(wall_s))
+        self._record_fraction(trial)
         self._commit(trial, epoch, math.nan, wall_s)
         return []
 
@@ -311,9 +355,15 @@ class FreezeThawOptimizer:
             raise RuntimeError(f"told trial {trial_id} epoch {epoch}, but {expected} was asked")
         return self.trials[trial_id]
 
+    def _record_fraction(self, trial: Trial) -> None:
+        if self.frozen_layers is not None:
+            assert self._pending is not None
+            trial.fractions.append(self._pending.fraction)
+
     def _commit(self, trial: Trial, epoch: int, value: float, wall_s: float) -> None:
         assert self._pending is not None
         self.epochs_spent += 1
+        self.budget_spent += float(self._pending_info.get("cost", 1.0))
         self.decisions.append(
             {
                 "decision": self._pending.decision,
@@ -322,6 +372,7 @@ class FreezeThawOptimizer:
                 "epoch": epoch,
                 "value": value,
                 "epochs_spent": self.epochs_spent,
+                "budget_spent": self.budget_spent,
                 "wall_s": float(wall_s),
                 **self._pending_info,
             }
@@ -359,7 +410,10 @@ class FreezeThawOptimizer:
     # ------------------------------------------------------------------ persistence
     def settings(self) -> dict[str, Any]:
         """What must match for a persisted study to be continued by this optimizer."""
-        return {"space": self.space.to_dict(), "cap": self.cap, "mode": self.mode, "seed": self.seed}
+        settings = {"space": self.space.to_dict(), "cap": self.cap, "mode": self.mode, "seed": self.seed}
+        if self.frozen_layers is not None:
+            settings["frozen_layers"] = list(self.frozen_layers.fractions)
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue (tensors, lists, dicts and scalars only); never includes a pending epoch."""
@@ -369,6 +423,7 @@ class FreezeThawOptimizer:
             "trials": self._committed_trials(),
             "decisions": [dict(d) for d in self.decisions],
             "epochs_spent": self.epochs_spent,
+            "budget_spent": self.budget_spent,
             "stopped_by_limit": list(self.stopped_by_limit),
             "searcher": self._searcher_state_committed,
             **({"running": {str(k): dict(v) for k, v in self.running.items()}} if self.running else {}),
@@ -398,8 +453,8 @@ class FreezeThawOptimizer:
             raise FMSError(f"study state version {state.get('version')} is not supported (expected {STATE_VERSION})")
         saved = state["settings"]
         mine = self.settings()
-        for key in ("seed", "mode", "cap", "space"):
-            if saved.get(key) != mine[key]:
+        for key in ("seed", "mode", "cap", "space", "frozen_layers"):
+            if saved.get(key) != mine.get(key):
                 raise FMSError(
                     f"the study directory holds a study with another {key} ({saved.get(key)!r}); "
                     f"use a new study directory or the same settings"
@@ -407,6 +462,7 @@ class FreezeThawOptimizer:
         self.trials = {int(d["id"]): Trial.from_dict(d) for d in state["trials"]}
         self.decisions = [dict(d) for d in state["decisions"]]
         self.epochs_spent = int(state["epochs_spent"])
+        self.budget_spent = float(state.get("budget_spent", self.epochs_spent))
         self.stopped_by_limit = [int(i) for i in state.get("stopped_by_limit", [])]
         self._searcher_state_committed = state.get("searcher", {})
         self.searcher.load_state_dict(self._searcher_state_committed)
@@ -430,6 +486,8 @@ class FreezeThawOptimizer:
         """
         if self._pending is not None:
             raise RuntimeError("claim() cannot be mixed with a pending ask()")
+        if self.frozen_layers is not None:
+            raise FMSError("the frozen-layer fidelity is not supported with several workers sharing a study yet")
         if self.epochs_spent + len(self.running) >= self.budget:
             return None
         decision = len(self.decisions) + len(self.running)

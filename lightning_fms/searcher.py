@@ -38,6 +38,9 @@ class SelectionContext:
         cap: The per-trial epoch cap.
         modules: Builds the module (architecture + weights) for a weight key, or ``None`` when the
             study records no weights.
+        frozen_layers: Whether the frozen-layer fidelity is on: rows carry the trainable fraction as an
+            extra input column, incumbents are per (epoch, fraction), and expected improvement is divided
+            by each candidate's cost.
     """
 
     space: SearchSpace
@@ -45,6 +48,7 @@ class SelectionContext:
     mode: str
     cap: int
     modules: ModuleProvider | None = None
+    frozen_layers: bool = False
 
 
 @dataclass
@@ -103,18 +107,22 @@ class SurrogateSearcher(Searcher):
         if len(specs) < self.min_rows:
             return Selection(index=0, info={"surrogate_s": 0.0})
         modules = context.modules if self.uses_weights else None
+        two_d = context.frozen_layers
         start = time.perf_counter()
         with torch_threads(self.cpu_threads):
-            rows = encode_rows(context.space, specs, context.cap, modules)
+            rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=two_d)
             self.surrogate.fit(rows, torch.tensor(targets, dtype=torch.float32), seed)
             cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
-            mean, variance = self.surrogate.posterior(encode_rows(context.space, cand_specs, context.cap, modules))
+            cand_rows = encode_rows(context.space, cand_specs, context.cap, modules, fraction_feature=two_d)
+            mean, variance = self.surrogate.posterior(cand_rows)
         incumbents = budget_incumbents(
-            torch.tensor([s.epoch for s in specs], dtype=torch.long),
+            torch.tensor([_fidelity_id(s.epoch, s.fraction, two_d) for s in specs], dtype=torch.long),
             torch.tensor(targets, dtype=torch.float64),
-            torch.tensor([c.epoch for c in candidates], dtype=torch.long),
+            torch.tensor([_fidelity_id(c.epoch, c.fraction, two_d) for c in candidates], dtype=torch.long),
         )
         ei = expected_improvement(mean.double(), variance.double(), incumbents)
+        if two_d:  # improvement per full-epoch equivalent spent
+            ei = ei / torch.tensor([c.cost for c in candidates], dtype=torch.float64).clamp_min(1e-6)
         index = int(torch.argmax(ei))
         return Selection(
             index=index,
@@ -138,7 +146,8 @@ class SurrogateSearcher(Searcher):
         """
         modules = context.modules if self.uses_weights else None
         with torch_threads(self.cpu_threads):
-            return self.surrogate.posterior(encode_rows(context.space, specs, context.cap, modules))
+            rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=context.frozen_layers)
+            return self.surrogate.posterior(rows)
 
     def state_dict(self) -> dict[str, Any]:
         """The surrogate's state."""
@@ -150,16 +159,24 @@ class SurrogateSearcher(Searcher):
             self.surrogate.load_state_dict(state["surrogate"])
 
 
+def _fidelity_id(epoch: int, fraction: float, two_d: bool) -> int:
+    """Integer id of a fidelity: the epoch, or with the frozen-layer fidelity the pair (epoch, fraction)."""
+    return epoch * 10_000 + round(fraction * 9_999) if two_d else epoch
+
+
 class RandomSearcher(Searcher):
     """Random search: continue the most recently started trial until it finishes, else start a fresh one."""
 
     def select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int) -> Selection:
-        """Prefer the newest resumable trial; otherwise the first (random) fresh configuration."""
+        """Prefer the newest resumable trial; otherwise the first (random) fresh configuration; always fully trained."""
         resumable = [i for i, c in enumerate(candidates) if c.trial_id is not None]
         if resumable:
-            return Selection(index=max(resumable, key=lambda i: candidates[i].trial_id or 0), info={"surrogate_s": 0.0})
+            index = max(resumable, key=lambda i: (candidates[i].trial_id or 0, candidates[i].fraction))
+            return Selection(index=index, info={"surrogate_s": 0.0})
         fresh = [i for i, c in enumerate(candidates) if c.trial_id is None]
-        return Selection(index=fresh[0], info={"surrogate_s": 0.0})
+        first = candidates[fresh[0]].config
+        index = max((i for i in fresh if candidates[i].config == first), key=lambda i: candidates[i].fraction)
+        return Selection(index=index, info={"surrogate_s": 0.0})
 
 
 def build_searcher(
@@ -172,6 +189,7 @@ def build_searcher(
     device: str | None = None,
     surrogate_options: dict[str, Any] | None = None,
     featurizer_options: dict[str, Any] | None = None,
+    frozen_layers: bool = False,
 ) -> Searcher:
     """Build a searcher by name.
 
@@ -186,6 +204,7 @@ def build_searcher(
         device: Surrogate device; ``None`` picks CUDA when present.
         surrogate_options: Extra keyword arguments for the surrogate.
         featurizer_options: Extra keyword arguments for the featurizer.
+        frozen_layers: Give the surrogate one more input column, the trainable fraction of layer units.
 
     Raises:
         FMSError: an unknown name or option.
@@ -205,7 +224,7 @@ def build_searcher(
         featurizer = build_featurizer(weights, **(featurizer_options or {}))
     surrogate = build_surrogate(
         name,
-        x_dim=space.dim,
+        x_dim=space.dim + (1 if frozen_layers else 0),
         curve_length=cap,
         featurizer=featurizer,
         use_curve=curve == "cnn",

@@ -36,6 +36,7 @@ class Trial:
         status: See :class:`TrialStatus`.
         error: Why the trial failed, if it did.
         wall_s: Seconds each epoch took, training and checkpointing included.
+        fractions: Trainable fraction of layer units in each epoch (empty: every epoch trained everything).
     """
 
     id: int
@@ -44,6 +45,16 @@ class Trial:
     status: TrialStatus = TrialStatus.RUNNING
     error: str | None = None
     wall_s: list[float] = field(default_factory=list)
+    fractions: list[float] = field(default_factory=list)
+
+    def fraction_of(self, epoch: int) -> float:
+        """Trainable fraction of epoch ``epoch`` (1-based); 1 when not recorded."""
+        return self.fractions[epoch - 1] if 0 < epoch <= len(self.fractions) else 1.0
+
+    @property
+    def last_fraction(self) -> float:
+        """Trainable fraction of the last trained epoch (1 when none was recorded)."""
+        return self.fractions[-1] if self.fractions else 1.0
 
     @property
     def epochs(self) -> int:
@@ -64,6 +75,7 @@ class Trial:
             "status": self.status.value,
             "error": self.error,
             "wall_s": [float(v) for v in self.wall_s],
+            **({"fractions": [float(v) for v in self.fractions]} if self.fractions else {}),
         }
 
     @classmethod
@@ -76,6 +88,7 @@ class Trial:
             status=TrialStatus(data["status"]),
             error=data.get("error"),
             wall_s=[float(v) for v in data.get("wall_s", [])],
+            fractions=[float(v) for v in data.get("fractions", [])],
         )
 
 

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
 from lightning_fms.errors import CheckpointError, FMSError
 from lightning_fms.executor import EpochJob, InProcessExecutor
+from lightning_fms.frozen_layers import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
 from lightning_fms.progress import StudyProgress
@@ -112,6 +114,12 @@ class FMSTuner:
         featurizer_options: Extra featurizer arguments.
         progress: Show a live progress display.
         observers: Hooks called as the study progresses (e.g. W&B logging).
+        frozen_layers: The frozen-layer fidelity (:mod:`lightning_fms.frozen_layers`): ``False``/``None``
+            (off, the default), ``True`` (trainable fractions 0.25, 0.5, 1) or a list of fractions in
+            ``(0, 1]``. Each decision then also picks how many layer units an epoch trains, and the
+            budget counts full-epoch equivalents at the cost model of each level.
+        executor: Runs the epochs (e.g. trials built by a LightningCLI); default: an
+            :class:`~lightning_fms.executor.InProcessExecutor` of the factories and options above.
     """
 
     def __init__(
@@ -144,16 +152,19 @@ class FMSTuner:
         featurizer_options: dict[str, Any] | None = None,
         progress: bool = True,
         observers: Sequence[StudyObserver] = (),
+        frozen_layers: bool | Sequence[float] | None = None,
+        executor: InProcessExecutor | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise FMSError("monitor must name a logged metric")
+        fractions = check_fractions(frozen_layers)
         self.space = space
         self.hub = hub
         self.study = StudyDirectory(study_dir)
         self.seed = int(seed)
         self.progress = progress
         self.observers = list(observers)
-        self.executor = InProcessExecutor(
+        self.executor = executor or InProcessExecutor(
             module_factory,
             datamodule_factory,
             space,
@@ -179,9 +190,11 @@ class FMSTuner:
                 device=device,
                 surrogate_options=surrogate_options,
                 featurizer_options=featurizer_options,
+                frozen_layers=fractions is not None,
             )
             if isinstance(search, SurrogateSearcher) and search.uses_weights:
                 self._check_featurizer(search, weights)
+            self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
         self.executor.record_weights = search.uses_weights
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
         self.optimizer = FreezeThawOptimizer(
@@ -195,6 +208,7 @@ class FMSTuner:
             num_startup_trials=num_startup_trials,
             max_paused_trials=max_paused_trials,
             modules=self._module_for if search.uses_weights else None,
+            frozen_layers=self.frozen_layers,
         )
         self.monitor = monitor
         self.mode = mode
@@ -224,6 +238,18 @@ class FMSTuner:
                     featurizer([module], [("hub", str(entry))])
             except FMSError as error:
                 raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
+
+    def _frozen_layer_model(self, fractions: tuple[float, ...]) -> FrozenLayers:
+        """The cost model of every hub entry (or of the one architecture without a hub), from one real batch each."""
+        rng = np.random.default_rng(derive_seed(self.seed, "frozen-layer-costs"))
+        config = self.space.sample(rng)
+        if self.space.hub_key is None:
+            return FrozenLayers(fractions, {"": self.executor.frozen_layer_costs(config, fractions)})
+        costs = {}
+        for entry in getattr(self.space[self.space.hub_key], "choices", ()):
+            config[self.space.hub_key] = entry
+            costs[str(entry)] = self.executor.frozen_layer_costs(dict(config), fractions)
+        return FrozenLayers(fractions, costs)
 
     def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
         """The module (architecture + weights) behind a weight key, cached."""
@@ -288,6 +314,7 @@ class FMSTuner:
             checkpoint_out=out,
             log_dir=self.study.trial_dir(trial_id),
             seed=self.seed,
+            trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
         )
         try:
             outcome = self.executor.run_epoch(job)
