@@ -253,3 +253,25 @@ def test_hub_weight_files_feed_the_featurizer(in_cli_dir, tmp_path):
     snapshots = sorted(p.name for p in (study / "weights").glob("*.safetensors"))
     assert len(snapshots) == 4
     assert cli.tune_result.best_value is not None
+
+
+def test_frozen_layers_through_the_cli(in_cli_dir, tmp_path):
+    """`--tuner.frozen_layers` turns on the second fidelity: frozen epochs are charged less than a full one."""
+    import csv
+
+    study = tmp_path / "study"
+    cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
+                   "--tuner.budget", "2", "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study),
+                   "--tuner.max_epochs_key", "model.max_epochs", "--tuner.frozen_layers", "[0.25]",
+                   *FAST)  # fmt: skip
+    assert cli.tune_result is not None
+    with open(study / "trajectory.csv") as f:
+        rows = list(csv.DictReader(f))
+    fractions = [float(r["trainable_fraction"]) for r in rows]
+    assert 0.25 in fractions and set(fractions) <= {0.25, 1.0}
+    # frozen epochs cost less than one full epoch each: more epochs than the budget, never more budget
+    assert len(rows) > 2 and float(rows[-1]["budget_spent"]) <= 2.0 + 1e-9
+    # the trial checkpoints record how many units the FrozenUnits callback left trainable
+    ckpt = next(study.glob("trials/*/epoch-*.ckpt"))
+    states = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]
+    assert any(key.startswith("FrozenUnits") for key in states)
