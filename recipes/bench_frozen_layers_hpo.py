@@ -1,9 +1,10 @@
 """HPO with the frozen-layer fidelity (epochs x trainable fraction) against epochs only, same budget and seeds.
 
 Runs the demo study (``recipes/demo.yaml``: 8 pretrained digit networks of 5 families, digits 5-9) with
-``tuner.frozen_layers`` off and on (and a 20% test split held out), for each seed, with real Lightning training, and prints a markdown
-table: best validation accuracy found, its regret against the best found by any run, the test accuracy of
-each study's ``best.ckpt``, epochs trained, budget charged and wall seconds.
+``tuner.frozen_layers`` off and on (and a 20% test split held out), for each seed, with real Lightning
+training, and prints a markdown table: best validation accuracy found, its regret against the best found
+by any run, the test accuracy of each study's ``best.ckpt``, epochs trained, budget charged and wall
+seconds. ``--cost-table`` instead compares the FLOP cost model with measured training-step times.
 
 Usage::
 
@@ -66,14 +67,53 @@ def run_one(config_path: Path, out: Path, seed: int, budget: int, frozen: bool) 
     }
 
 
+def cost_table(fractions: tuple[float, ...] = (0.25, 0.5), steps: int = 60) -> None:
+    """Print, per demo hub entry, the FLOP cost model next to the measured time of a training step (batch 32)."""
+    import statistics
+
+    from lightning_fms.fidelity import set_trainable_units
+    from lightning_fms.frozen_layers import fraction_costs, units_for_fraction
+    from lightning_fms.zoo import ImageClassifier, build_demo_hub
+
+    hub = build_demo_hub()
+    batch = (torch.rand(32, 1, 8, 8), torch.randint(0, 5, (32,)))
+    print("| hub entry | units | " + " | ".join(f"FLOP cost @{f:g} | measured @{f:g}" for f in fractions) + " |")
+    print("|---|---|" + "---|---|" * len(fractions))
+    for name in hub.names:
+        module = ImageClassifier(hub.build(name), lr=0.01, reset_head=True, num_classes=5)
+        n, costs = fraction_costs(module, module.net, batch, fractions)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+
+        def step_seconds(k: int, module: ImageClassifier = module, optimizer: torch.optim.SGD = optimizer) -> float:
+            set_trainable_units(module.net, k)
+            times = []
+            for i in range(steps):
+                start = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if i >= 10:
+                    times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        full = step_seconds(n)
+        cells = [f"{c:.2f} | {step_seconds(units_for_fraction(f, n)) / full:.2f}" for f, c in zip(fractions, costs)]
+        print(f"| {name} | {n} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("recipes/demo.yaml"))
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-frozen-hpo"))
+    parser.add_argument("--cost-table", action="store_true", help="only compare the cost model with step times")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.cost_table:
+        cost_table()
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
