@@ -45,7 +45,7 @@ from torch_geometric.utils import scatter, segment
 
 from lightning_fms.errors import FMSError
 from lightning_fms.weights._batch import StaticBatch, static_batch
-from lightning_fms.weights.base import ByteLRU, Featurizer
+from lightning_fms.weights.base import ByteLRU, Featurizer, TrunkCache, check_trainable
 from lightning_fms.weights.graph import (
     GF,
     NODE_VALUE_FEATURES,
@@ -201,9 +201,7 @@ class GMNFeaturizer(Featurizer):
         trainable: str = "auto",
     ) -> None:
         super().__init__(embedding_dim)
-        if trainable not in ("all", "readout", "auto"):
-            raise FMSError(f"trainable must be 'all', 'readout' or 'auto', got {trainable!r}")
-        self.trainable = trainable
+        self.trainable = check_trainable(trainable)
         if isinstance(max_kernel_size, int):
             max_kernel_size = (max_kernel_size, max_kernel_size)
         if output_activation not in (None, "tanh", "sigmoid"):
@@ -227,21 +225,12 @@ class GMNFeaturizer(Featurizer):
         self._values = ByteLRU(value_cache_bytes)
         self._statics = ByteLRU(value_cache_bytes // 4, max_items=16)
         self._batches = ByteLRU(value_cache_bytes, max_items=8)
-        self._pooled = ByteLRU(value_cache_bytes // 4)
-        if trainable == "readout":
-            self._freeze_trunk()
+        self._pooled = TrunkCache(value_cache_bytes // 4)
+        self._apply_trainable()
 
-    def _freeze_trunk(self) -> None:
-        for name, p in self.named_parameters():
-            if not name.startswith("readout."):
-                p.requires_grad_(False)
-
-    @property
-    def effective_trainable(self) -> str:
-        """``"all"`` or ``"readout"``: what ``trainable`` means on the device the featurizer is on now."""
-        if self.trainable != "auto":
-            return self.trainable
-        return "all" if self._ref.device.type == "cuda" else "readout"
+    def is_readout_parameter(self, name: str) -> bool:
+        """Whether ``name`` belongs to the readout MLP (the rest is the trunk)."""
+        return name.startswith("readout.")
 
     # ------------------------------------------------------------------ inputs
 
@@ -431,35 +420,25 @@ class GMNFeaturizer(Featurizer):
         """Embed modules (see :meth:`Featurizer.forward`); shape ``[B, embedding_dim]``."""
         if len(modules) == 0:
             return self._ref.new_zeros(0, self.embedding_dim)
+        self._sync_trainable()
         if self.effective_trainable == "readout":
-            if self.trainable == "auto":
-                self._freeze_trunk()
             return self.head(self._frozen_trunk(modules, keys))
+        if len(self._pooled):  # "auto" on a GPU trains the trunk: outputs cached on a CPU would go stale
+            self._pooled.clear()
         g, node_values, edge_values = self.graph_inputs(modules, keys)
         return self.embed_graphs(g, node_values, edge_values)
 
     def _frozen_trunk(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None) -> Tensor:
         """Pooled trunk features with a frozen trunk, cached by key (``trainable="readout"``)."""
         self._check_keys(modules, keys)
-        device, dtype = self.device, self.dtype
-        rows: list[Tensor | None] = [None] * len(modules)
-        todo = []
-        for i in range(len(modules)):
-            hit = self._pooled.get((keys[i], device, dtype)) if keys is not None else None
-            if hit is None:
-                todo.append(i)
-            rows[i] = hit
-        if todo:
-            sub_keys = [keys[i] for i in todo] if keys is not None else None
-            with torch.no_grad():
-                g, nv, ev = self.graph_inputs([modules[i] for i in todo], sub_keys)
-                pooled = self.trunk(g, nv, ev)
-            for j, i in enumerate(todo):
-                rows[i] = pooled[j]
-                if keys is not None:
-                    self._pooled.put((keys[i], device, dtype), pooled[j].clone())
-        return torch.stack(rows)  # type: ignore[arg-type]
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001, ANN201, D102
-        self._pooled.clear()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        def compute(todo: list[int]) -> Tensor:
+            sub_keys = [keys[i] for i in todo] if keys is not None else None
+            return self.trunk(*self.graph_inputs([modules[i] for i in todo], sub_keys))
+
+        return self._pooled.rows(keys, len(modules), self.device, self.dtype, compute)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):  # noqa: ANN001, D102
+        if self._trunk_state_changes(state_dict, prefix):  # a state with the same trunk keeps the cached outputs
+            self._pooled.clear()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)

@@ -68,7 +68,7 @@ def test_registry() -> None:
 def test_nfn_invariance_and_gradients(make) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     m = make().double()
-    f = build_featurizer("nfn").double()
+    f = build_featurizer("nfn", trainable="all").double()
     a = f([m])
     for seed in range(3):
         assert (a - f([permute_hidden_units(m, gen(seed))])).abs().max() < 1e-5
@@ -94,7 +94,7 @@ def test_nfn_handles_widths_and_specs_and_without_fallback_rejects_other_archite
 def test_nfn_reads_a_linear_on_a_flattened_feature_map(make) -> None:  # noqa: ANN001
     torch.manual_seed(3)
     m = make().double()
-    f = build_featurizer("nfn").double()
+    f = build_featurizer("nfn", trainable="all").double()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = f([m])
@@ -167,7 +167,7 @@ def test_permute_hidden_units_on_a_state_dict() -> None:
 def test_flat_augmentation_uses_real_permutations() -> None:
     torch.manual_seed(2)
     m = mlp((3, 6, 5, 2))
-    f = FlatFeaturizer(seed=0)
+    f = FlatFeaturizer(seed=0, trainable="all")
     f.prepare([m])
     assert f.input_dim == sum(p.numel() for p in m.parameters())
     f.eval()
@@ -203,7 +203,7 @@ def test_flat_builds_one_mlp_per_architecture() -> None:
 def test_mixed_architectures_embed_in_one_call(name: str) -> None:
     modules = mixed()
     torch.manual_seed(6)
-    f = build_featurizer(name, embedding_dim=8)
+    f = build_featurizer(name, embedding_dim=8, trainable="all")
     out = f(modules)
     assert out.shape == (4, 8) and torch.isfinite(out).all()
     out.pow(2).sum().backward()
