@@ -1,5 +1,5 @@
 # Everything a fresh clone needs: `make demo` and `make test` create the virtual environment and
-# install the package first (with the dev tools and W&B, whose tests run offline). torch 2.13.0 (CPU) is installed unless the system Python already has a torch,
+# install the package first (with the dev tools, W&B, whose tests run offline, and the benchmark extra). torch 2.13.0 (CPU) is installed unless the system Python already has a torch,
 # which the environment then reuses (the newest torch on the registry pulls gigabytes of CUDA wheels).
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 STUDY_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench-surrogate clean
+.PHONY: install demo test test-fast lint bench-surrogate bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet torch==2.13.0; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev,wandb]"
+	$(PY) -m pip install --quiet -e ".[dev,wandb,bench]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,12 @@ lint: $(STAMP)
 
 bench-surrogate: $(STAMP)
 	$(PY) recipes/bench_surrogate.py
+
+bench: $(STAMP)
+	$(VENV)/bin/lightning-fms bench --out runs/bench --jobs 2
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/lightning-fms bench --quick --out runs/bench-quick --jobs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,6 +11,11 @@ LightningDataModule, picked by import path; the current directory is importable)
 ``lightning-fms agent --study_dir runs/s1 [--space space.yaml --budget 30 --monitor val_acc ...] -- python
 train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
 agents may share one study directory.
+
+``lightning-fms bench --out DIR [--tasks PATH ...] [--methods NAME ...] [--seeds N] [--budget B] [--jobs J]
+[--quick]`` runs the benchmark methods side by side on tabulated task pools (see :mod:`lightning_fms.bench`) and
+writes ``results.csv``, ``kendall.csv``, figures and ``summary.md`` to ``DIR``; finished runs are kept and
+reused when it is run again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from collections.abc import Sequence
 from lightning_fms.errors import FMSError, error_line
 
 EXIT_USAGE = 2
+DEFAULT_BENCH_TASKS = tuple(
+    f"recipes/bench/{name}.yaml" for name in ("cnn-digits", "cnn-mnist", "hub-digits", "hub-mnist")
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher")
     tune.add_argument("--weights", default=None, help="checkpoint featurizer: none, gmn, nfn, flat, stats")
     tune.add_argument("--curve", choices=("cnn", "none"), default=None, help="learning-curve encoder")
+    tune.add_argument(
+        "--frozen_layers",
+        default=None,
+        help="frozen-layer fidelity: true (fractions 0.25,0.5,1), false, or fractions like 0.2,0.5",
+    )
     tune.add_argument("--no-progress", action="store_true", help="no live progress display")
     agent = sub.add_parser(
         "agent",
@@ -58,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher (default dyhpo)")
     agent.add_argument("--max_paused_trials", type=int, default=None, help="bound on paused trials")
     agent.add_argument("--quiet", action="store_true", help="no line per trained epoch on stderr")
+    bench = sub.add_parser("bench", help="benchmark methods side by side on tabulated task pools")
+    bench.add_argument("--out", required=True, help="output directory (finished runs in it are reused)")
+    bench.add_argument(
+        "--tasks", nargs="+", default=None, help=f"task YAML files (default: {', '.join(DEFAULT_BENCH_TASKS)})"
+    )
+    bench.add_argument("--methods", nargs="+", default=None, help="method names (default: all)")
+    bench.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; --quick: 3)")
+    bench.add_argument("--budget", type=int, default=None, help="epochs per run (default 100; --quick: 50)")
+    bench.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
+    bench.add_argument("--cache_dir", default=None, help="where task pools are cached")
+    bench.add_argument(
+        "--quick", action="store_true", help="first task only, 3 seeds, budget 50, Kendall tau at 25 and 50 epochs"
+    )
     sub.add_parser(
         "fit",
         add_help=False,
@@ -89,6 +115,19 @@ def _fit(argv: Sequence[str]) -> int:
     return 0
 
 
+def _parse_frozen_layers(text: str) -> bool | list[float]:
+    """``true``/``false`` or comma-separated fractions (validated later by the tuner)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    try:
+        return [float(part) for part in lowered.split(",") if part.strip()]
+    except ValueError:
+        raise FMSError(f"--frozen_layers must be true, false or fractions like 0.25,0.5, got {text!r}") from None
+
+
 def _tune(args: argparse.Namespace) -> int:
     from lightning_fms.recipe import Recipe
 
@@ -97,6 +136,8 @@ def _tune(args: argparse.Namespace) -> int:
     for key in ("searcher", "weights", "curve"):
         if getattr(args, key) is not None:
             recipe.tuner[key] = getattr(args, key)
+    if args.frozen_layers is not None:
+        recipe.tuner["frozen_layers"] = _parse_frozen_layers(args.frozen_layers)
     tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
     result = tuner.run()
     print(json.dumps(result.summary(), indent=2, default=str))
@@ -125,6 +166,59 @@ def _agent(args: argparse.Namespace, command: Sequence[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import os
+    import shlex
+    from pathlib import Path
+
+    from lightning_fms.bench.methods import METHODS, check_methods
+    from lightning_fms.bench.runner import PoolSource, run_bench
+
+    methods = check_methods(args.methods) if args.methods else list(METHODS)
+    if args.tasks:
+        tasks = list(args.tasks)
+        missing = [t for t in tasks if not Path(t).is_file()]
+        if missing:
+            raise FMSError(f"task file {missing[0]} does not exist")
+    else:
+        tasks = [t for t in DEFAULT_BENCH_TASKS if Path(t).is_file()]
+        if not tasks:
+            raise FMSError(
+                f"no task files given and none of {', '.join(DEFAULT_BENCH_TASKS)} in {os.getcwd()}; use --tasks"
+            )
+    for key in ("seeds", "budget", "jobs"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise FMSError(f"--{key} must be >= 1, got {value}")
+    if args.quick:
+        tasks = tasks[:1]
+    seeds = args.seeds or (3 if args.quick else 10)
+    budget = args.budget or (50 if args.quick else 100)
+    kendall_at = (25, 50) if args.quick else (50, 100)
+    sources = [PoolSource(str(t), args.cache_dir, build=True, build_jobs=args.jobs) for t in tasks]
+    result = run_bench(
+        sources,
+        methods,
+        seeds,
+        budget,
+        args.out,
+        jobs=args.jobs,
+        kendall_at=kendall_at,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        command=shlex.join(["lightning-fms", *argv]),
+    )
+    summary = {
+        "summary": str(result.summary),
+        "results": str(result.results_csv),
+        "kendall": str(result.kendall_csv),
+        "runs": result.ran + result.cached,
+        "ran": result.ran,
+        "cached": result.cached,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-fms`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -141,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(args)
         if args.command == "agent":
             return _agent(args, command)
+        if args.command == "bench":
+            return _bench(args, argv)
     except FMSError as error:
         print(error_line(error), file=sys.stderr)
         return EXIT_USAGE

@@ -213,7 +213,7 @@ class FreezeThawOptimizer:
             unseen = [c for c in self.configurations if _config_key(c) not in seen]
             if len(unseen) > self.num_fresh_candidates:
                 picks = rng.choice(len(unseen), size=self.num_fresh_candidates, replace=False)
-                unseen = [unseen[i] for i in sorted(picks)]
+                unseen = [unseen[i] for i in picks]  # in random order: startup draws take the first
             return [dict(c) for c in unseen]
         for _ in range(self.num_fresh_candidates * 4):
             config = self.space.sample(rng)

@@ -75,6 +75,7 @@ def test_tune_runs_and_prints_the_best(hub_file, tmp_path):
         (lambda r: r.update(monitor="val_nope"), ["'val_nope' was never logged"]),
         (lambda r: r.update(colour="blue"), ["unknown recipe key(s) ['colour']"]),
         (lambda r: r["tuner"].update(searcher="bogus"), ["unknown searcher 'bogus'"]),
+        (lambda r: r["tuner"].update(frozen_layers=[0.5, 2.0]), ["frozen_layers fractions must be numbers in (0, 1]"]),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(hub_file, tmp_path, mutate, fragments):
@@ -85,6 +86,17 @@ def test_bad_input_gets_one_line_and_exit_2(hub_file, tmp_path, mutate, fragment
     proc = tune(path, tmp_path / "s")
     assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "s/state.pt").exists()
+
+
+def test_frozen_layers_flag(hub_file, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=2)
+    proc = tune(recipe, tmp_path / "bad", "--frozen_layers", "0.5,half")
+    assert_one_line_error(proc, "--frozen_layers must be true, false or fractions")
+    proc = tune(recipe, tmp_path / "s", "--frozen_layers", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "s/results.json").read_text())
+    # the cheap startup epochs at fraction 0.3 are charged less than a full epoch each
+    assert results["budget_spent"] <= 2.0 + 1e-9 and results["epochs_spent"] > 2
 
 
 def test_malformed_yaml(tmp_path):

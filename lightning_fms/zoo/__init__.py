@@ -1,8 +1,10 @@
 """Small CPU-fast architectures, the digits demo task, the fine-tuning module and the hub builder."""
 
 from lightning_fms.zoo.build import (
+    CNN_HUB_SPECS,
     DEFAULT_DEMO_EPOCHS,
     DEMO_HUB_SPECS,
+    build_cnn_hub,
     build_demo_hub,
     build_hub,
     default_cache_dir,
@@ -14,10 +16,12 @@ from lightning_fms.zoo.cnn import SmallCNN
 from lightning_fms.zoo.deepsets import DeepSets
 from lightning_fms.zoo.digits import DigitsDataModule, load_digits_task
 from lightning_fms.zoo.mlp import MLP
+from lightning_fms.zoo.mnist import MnistDataModule, load_mnist_task
 from lightning_fms.zoo.resnet import BasicBlock, TinyResNet
 from lightning_fms.zoo.vit import TinyViT
 
 __all__ = [
+    "CNN_HUB_SPECS",
     "DEFAULT_DEMO_EPOCHS",
     "DEMO_HUB_SPECS",
     "MLP",
@@ -25,13 +29,16 @@ __all__ = [
     "DeepSets",
     "DigitsDataModule",
     "ImageClassifier",
+    "MnistDataModule",
     "SmallCNN",
     "TinyResNet",
     "TinyViT",
+    "build_cnn_hub",
     "build_demo_hub",
     "build_hub",
     "default_cache_dir",
     "load_or_build_hub",
     "load_digits_task",
+    "load_mnist_task",
     "quiet_lightning",
 ]

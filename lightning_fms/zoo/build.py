@@ -22,8 +22,10 @@ from lightning_fms.quiet import quiet_lightning
 from lightning_fms.threads import torch_threads
 
 __all__ = [
+    "CNN_HUB_SPECS",
     "DEFAULT_DEMO_EPOCHS",
     "DEMO_HUB_SPECS",
+    "build_cnn_hub",
     "build_demo_hub",
     "build_hub",
     "default_cache_dir",
@@ -58,6 +60,30 @@ DEMO_HUB_SPECS: list[dict[str, Any]] = [
     },
 ]
 """Specs of the demo hub: five families, two widths each for mlp, cnn and resnet."""
+
+
+CNN_HUB_WIDTHS = (4, 8, 12, 16)
+"""Widths (first-stage channels) of the CNN hub's :class:`~lightning_fms.zoo.SmallCNN` entries."""
+
+CNN_HUB_PRETRAINING = (("a", 2), ("a", 5), ("b", 5), ("a", 15), ("b", 15))
+"""``(replica, epochs)`` per width: the entry's name holds both, and its name seeds its initialisation."""
+
+CNN_HUB_SPECS: list[dict[str, Any]] = [
+    {
+        "name": f"cnn{width:02d}-e{epochs:02d}{replica}",
+        "family": "cnn",
+        "class_path": "lightning_fms.zoo.SmallCNN",
+        "init_args": {"width": width},
+        "epochs": epochs,
+    }
+    for width in CNN_HUB_WIDTHS
+    for replica, epochs in CNN_HUB_PRETRAINING
+]
+"""Specs of the CNN hub: one architecture (SmallCNN), 4 widths x 5 pretrained initialisations (20 entries).
+
+Entries of one width differ in their seed (derived from the name) and in how long they were pretrained
+on digits 0-4 (2, 5 or 15 epochs), so the hub choice is about initialisations, not architectures.
+"""
 
 
 def default_cache_dir() -> Path:
@@ -282,4 +308,30 @@ def build_demo_hub(
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "hubs" / "demo"
     return load_or_build_hub(
         out, DEMO_HUB_SPECS, source="source", epochs=epochs, seed=seed, force=force, name="demo", verbose=verbose
+    )
+
+
+def build_cnn_hub(
+    out_dir: str | os.PathLike[str] | None = None,
+    epochs: int = DEFAULT_DEMO_EPOCHS,
+    force: bool = False,
+    seed: int = 0,
+    verbose: bool = False,
+) -> ModelHub:
+    """Return the CNN hub (:data:`CNN_HUB_SPECS` pretrained on digits 0-4), building it unless cached.
+
+    Args:
+        out_dir: The hub folder; defaults to ``default_cache_dir() / "hubs" / "cnn"``.
+        epochs: Pretraining epochs of specs without their own ``epochs`` (every shipped spec has one).
+        force: Rebuild even when a valid cached hub exists.
+        seed: Base seed.
+        verbose: Print progress while building.
+
+    Returns:
+        The CNN hub.
+
+    """
+    out = Path(out_dir) if out_dir is not None else default_cache_dir() / "hubs" / "cnn"
+    return load_or_build_hub(
+        out, CNN_HUB_SPECS, source="source", epochs=epochs, seed=seed, force=force, name="cnn", verbose=verbose
     )

@@ -1,0 +1,513 @@
+"""Methods run side by side on a tabulated pool, each spending exactly the same number of epochs.
+
+``run_method(name, pool, budget, seed)`` replays a method on a :class:`~lightning_fms.bench.pool.Pool`:
+"training" epoch ``k`` of configuration ``i`` costs ``pool.train_seconds[i, k-1]`` and yields
+``pool.val[i, k-1]``. The :class:`Ledger` keeps the books every method shares: one row per epoch spent with the
+validation-selected incumbent, the tabulated training seconds and the method's own measured decision seconds
+(surrogate fits, Optuna's sampler, ...).
+
+Methods (:data:`METHODS`):
+
+* ``fms-gmn``, ``fms-nfn``, ``fms-flat``, ``fms-stats``: the freeze-thaw optimizer with the deep-kernel GP
+  reading learning curves and the checkpointed weights through that featurizer; ``fms-*-nocnn`` drop the
+  learning-curve CNN branch.
+* ``dyhpo``: the same without weights; ``gp``: a plain GP on hyperparameters and budget; ``random``: random
+  pool configurations, each trained to the cap, one after another.
+* ``hyperband``, ``asha``, ``optuna``: see :mod:`lightning_fms.bench.peers`.
+
+Seeding: the optimizer-based methods share, for a given ``seed``, the order in which pool configurations are
+offered and the optimizer's random stream (common random numbers: ``dyhpo`` and ``fms-gmn`` with seed 3 start
+from the same random configurations); everything specific to a method (surrogate and featurizer initial
+parameters, the peers' samplers) is seeded from ``(seed, method)``. A rerun makes identical choices; only the
+measured decision seconds differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_fms.bench import peers
+from lightning_fms.bench.metrics import rank_correlation, to_scores
+from lightning_fms.bench.pool import Pool
+from lightning_fms.errors import FMSError
+from lightning_fms.rows import WeightKey
+from lightning_fms.scheduler import FreezeThawOptimizer
+from lightning_fms.searcher import build_searcher
+from lightning_fms.seeding import derive_seed, seed_everything_quietly
+from lightning_fms.threads import torch_threads
+
+#: Columns of :attr:`MethodRun.rows`, one row per epoch spent.
+ROW_COLUMNS = (
+    "epochs_spent",
+    "config",
+    "epoch",
+    "val",
+    "test",
+    "best_val",
+    "incumbent_test",
+    "train_s",
+    "decision_s",
+    "wall_s",
+)
+
+
+@dataclass
+class MethodRun:
+    """What one method did on one pool with one seed.
+
+    Attributes:
+        method: Method name.
+        task: The pool's name.
+        seed: The seed.
+        budget: Epochs the method was given.
+        rows: One dict per epoch spent, keys :data:`ROW_COLUMNS`: ``config`` (pool index) and ``epoch`` trained,
+            its ``val`` and ``test`` values, the validation-selected incumbent's ``best_val`` and
+            ``incumbent_test``, and cumulative ``train_s`` (tabulated), ``decision_s`` (measured) and
+            ``wall_s`` (their sum).
+        kendall: One dict per forecast check (surrogate methods): ``epochs_spent``, ``kendall_tau``,
+            ``kendall_p``, ``spearman``, ``n_configs`` and ``predicted`` (the ``[N]`` forecast final scores in
+            pool order).
+        run_s: Seconds the whole run took in this process (forecast checks included).
+        exhausted: Whether the method ran out of trainable epochs before the budget.
+        settings: What the run depended on besides the pool (options of the method).
+        notes: The distinct warnings the method raised (e.g. a featurizer falling back to statistics for an
+            architecture it cannot read), recorded instead of printed once per run.
+    """
+
+    method: str
+    task: str
+    seed: int
+    budget: int
+    rows: list[dict[str, Any]]
+    kendall: list[dict[str, Any]] = field(default_factory=list)
+    run_s: float = 0.0
+    exhausted: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def epochs_spent(self) -> int:
+        """Epochs the method spent."""
+        return len(self.rows)
+
+    def column(self, name: str) -> np.ndarray:
+        """``[T]`` values of one row column (float64)."""
+        return np.array([row[name] for row in self.rows], dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-ready)."""
+        return {
+            "method": self.method,
+            "task": self.task,
+            "seed": self.seed,
+            "budget": self.budget,
+            "rows": [dict(r) for r in self.rows],
+            "kendall": [dict(k) for k in self.kendall],
+            "run_s": self.run_s,
+            "exhausted": self.exhausted,
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodRun:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            method=str(data["method"]),
+            task=str(data["task"]),
+            seed=int(data["seed"]),
+            budget=int(data["budget"]),
+            rows=[dict(r) for r in data["rows"]],
+            kendall=[dict(k) for k in data.get("kendall", [])],
+            run_s=float(data.get("run_s", 0.0)),
+            exhausted=bool(data.get("exhausted", False)),
+            settings=dict(data.get("settings", {})),
+            notes=[str(n) for n in data.get("notes", [])],
+        )
+
+
+class BudgetSpent(Exception):
+    """Raised by :meth:`Ledger.train` once the budget is spent."""
+
+
+class Ledger:
+    """The books of one run: epochs spent, seconds, and the incumbent selected on validation.
+
+    Args:
+        pool: The pool.
+        budget: Epochs the method may spend.
+    """
+
+    def __init__(self, pool: Pool, budget: int) -> None:
+        self.pool = pool
+        self.budget = int(budget)
+        self.rows: list[dict[str, Any]] = []
+        self.train_s = 0.0
+        self.decision_s = 0.0
+        self.trained = np.zeros(pool.size, dtype=np.int64)
+        self._scores = to_scores(pool.val, pool.mode)
+        self._best_score = -math.inf
+        self._best_val = math.nan
+        self._incumbent_test = math.nan
+
+    @property
+    def spent(self) -> int:
+        """Epochs spent so far."""
+        return len(self.rows)
+
+    @property
+    def done(self) -> bool:
+        """Whether the budget is spent."""
+        return self.spent >= self.budget
+
+    @contextlib.contextmanager
+    def deciding(self) -> Iterator[None]:
+        """Charge the wall seconds of the enclosed block to the method's decision time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.decision_s += time.perf_counter() - start
+
+    def train(self, index: int, epoch: int) -> float:
+        """Spend one epoch: epoch ``epoch`` (1-based) of configuration ``index``; returns its validation value.
+
+        Raises:
+            BudgetSpent: the budget is already spent.
+            ValueError: ``index`` or ``epoch`` is out of the pool's range.
+        """
+        if self.done:
+            raise BudgetSpent
+        if not (0 <= index < self.pool.size and 1 <= epoch <= self.pool.epochs):
+            raise ValueError(f"configuration {index} epoch {epoch} is outside the pool")
+        val = float(self.pool.val[index, epoch - 1])
+        test = float(self.pool.test[index, epoch - 1])
+        self.train_s += float(self.pool.train_seconds[index, epoch - 1])
+        score = float(self._scores[index, epoch - 1])
+        if math.isfinite(score) and score > self._best_score:
+            self._best_score, self._best_val, self._incumbent_test = score, val, test
+        self.trained[index] = epoch
+        self.rows.append(
+            {
+                "epochs_spent": self.spent + 1,
+                "config": int(index),
+                "epoch": int(epoch),
+                "val": val,
+                "test": test,
+                "best_val": self._best_val,
+                "incumbent_test": self._incumbent_test,
+                "train_s": self.train_s,
+                "decision_s": self.decision_s,
+                "wall_s": self.train_s + self.decision_s,
+            }
+        )
+        return val
+
+
+#: The benchmark's deep-kernel fit schedule: 2 fits of 500 Adam steps from scratch, then 30 warm-started steps per
+#: decision (the library default, 10 x 1000 then 50, takes ~3.5x longer: 60-95 s per run at budget 100 on this
+#: project's 2-core machine, too slow for 4 tasks x 10 methods with surrogates x 10 seeds in 2 hours).
+BENCH_SURROGATE_OPTIONS: dict[str, Any] = {"full_fit_steps": 500, "full_fits": 2, "refine_steps": 30}
+#: The plain GP's Adam steps per fit (library default 100; it refits from scratch at every decision).
+BENCH_GP_OPTIONS: dict[str, Any] = {"steps": 50}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of the surrogate methods (the peers ignore them); part of every cached run's settings.
+
+    Attributes:
+        surrogate_options: Keyword arguments of the deep-kernel surrogate of ``fms-*`` and ``dyhpo``
+            (default :data:`BENCH_SURROGATE_OPTIONS`; ``{}``: the library's defaults).
+        gp_options: Keyword arguments of the plain GP of ``gp`` (default :data:`BENCH_GP_OPTIONS`).
+        featurizer_options: Keyword arguments of the featurizer.
+        num_fresh_candidates: Fresh pool configurations scored per decision.
+        num_startup_trials: Random configurations started before the searcher is consulted.
+    """
+
+    surrogate_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_SURROGATE_OPTIONS))
+    gp_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_GP_OPTIONS))
+    featurizer_options: dict[str, Any] = field(default_factory=dict)
+    num_fresh_candidates: int = 64
+    num_startup_trials: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what a cached run must match)."""
+        return {
+            "surrogate_options": dict(self.surrogate_options or {}),
+            "gp_options": dict(self.gp_options or {}),
+            "featurizer_options": dict(self.featurizer_options or {}),
+            "num_fresh_candidates": self.num_fresh_candidates,
+            "num_startup_trials": self.num_startup_trials,
+        }
+
+
+#: ``(pool, ledger, seed, options, forecast_check) -> None``; ``forecast_check`` is called after every epoch.
+MethodFn = Callable[[Pool, Ledger, int, RunOptions, Callable[[Any], None]], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    Attributes:
+        name: Registry name.
+        description: One line for reports.
+        forecasts: Whether the method has a surrogate whose forecasts get a Kendall tau.
+        run: Spends the ledger's budget.
+    """
+
+    name: str
+    description: str
+    forecasts: bool
+    run: MethodFn
+
+
+class PoolModules:
+    """The optimizer's module provider on a pool: ``("hub", name)`` and ``("trial", id, epoch)`` keys, cached.
+
+    Args:
+        pool: The pool.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._cache: dict[WeightKey, nn.Module] = {}
+
+    def __call__(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
+        """The module with the weights behind ``key`` (``config`` is the trial's configuration)."""
+        module = self._cache.get(key)
+        if module is not None:
+            return module
+        if key[0] == "hub":
+            module = self.pool.load_hub_module(str(key[1]))
+        elif key[0] == "trial":
+            module = self.pool.module(self.pool.index_of(config), int(key[2]))
+        else:
+            raise ValueError(f"unknown weight key {key!r}")
+        module.eval().requires_grad_(False)
+        self._cache[key] = module
+        return module
+
+
+def _freeze_thaw(searcher: str, weights: str = "none", curve: str = "cnn") -> MethodFn:
+    def run(pool: Pool, ledger: Ledger, seed: int, options: RunOptions, check: Callable[[Any], None]) -> None:
+        _run_optimizer(pool, ledger, seed, options, check, searcher=searcher, weights=weights, curve=curve)
+
+    return run
+
+
+def _run_optimizer(
+    pool: Pool,
+    ledger: Ledger,
+    seed: int,
+    options: RunOptions,
+    check: Callable[[Any], None],
+    *,
+    searcher: str,
+    weights: str,
+    curve: str,
+) -> None:
+    """Run :class:`FreezeThawOptimizer` on the pool: ask, look the epoch up, tell."""
+    space = pool.space
+    modules = PoolModules(pool) if weights != "none" else None
+    method_key = (searcher, weights, curve)
+    with ledger.deciding(), torch.random.fork_rng(devices=[]):
+        # the surrogate's and featurizer's initial parameters depend on (seed, method) only
+        seed_everything_quietly(derive_seed("bench", "searcher", method_key, seed))
+        search = build_searcher(
+            searcher,
+            space,
+            pool.epochs,
+            weights=weights,
+            curve=curve,
+            device="cpu",
+            surrogate_options=options.gp_options if searcher == "gp" else options.surrogate_options,
+            featurizer_options=options.featurizer_options,
+        )
+        if modules is not None:
+            _warm_featurizer(search, pool, modules, weights)
+    # a per-seed order of the pool: the optimizer offers the first of a random subset of not-yet-started
+    # configurations, so the list order must not carry structure (pools may be built grouped by hub entry)
+    order = np.random.default_rng(derive_seed("bench", "order", seed)).permutation(pool.size)
+    opt = FreezeThawOptimizer(
+        space,
+        search,
+        budget=ledger.budget,
+        max_epochs_per_trial=pool.epochs,
+        mode=pool.mode,
+        seed=derive_seed("bench", "optimizer", seed),
+        num_fresh_candidates=options.num_fresh_candidates,
+        num_startup_trials=options.num_startup_trials,
+        configurations=[pool.configs[j] for j in order],
+        modules=modules,
+    )
+    while not ledger.done:
+        with ledger.deciding():
+            suggestion = opt.ask()
+        if suggestion is None:
+            return
+        index = pool.index_of(suggestion.config)
+        value = ledger.train(index, suggestion.epoch)
+        with ledger.deciding():
+            opt.tell(
+                suggestion.trial_id, suggestion.epoch, value, float(pool.train_seconds[index, suggestion.epoch - 1])
+            )
+        check(opt)
+
+
+def _warm_featurizer(search: Any, pool: Pool, modules: PoolModules, weights: str) -> None:
+    """Embed every hub entry once before any decision, as the tuner does.
+
+    This builds the featurizer's per-architecture parts in hub order under the run's seed (so they do not
+    depend on which architecture happens to be trained first) and refuses, in one line, a featurizer that
+    cannot read one of the pool's architectures.
+    """
+    if pool.space.hub_key is None:
+        raise FMSError(f"weights={weights!r} needs a pool whose space has a hub choice")
+    featurizer = getattr(getattr(search, "surrogate", None), "featurizer", None)
+    if featurizer is None:
+        return
+    for entry in getattr(pool.space[pool.space.hub_key], "choices", ()):
+        key = ("hub", str(entry))
+        module = modules(key, {pool.space.hub_key: entry})
+        try:
+            with torch.no_grad():
+                featurizer([module], [key])
+        except FMSError as error:
+            raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
+
+
+def _spec_table() -> dict[str, MethodSpec]:
+    table: dict[str, MethodSpec] = {}
+    for featurizer in ("gmn", "nfn", "flat", "stats"):
+        table[f"fms-{featurizer}"] = MethodSpec(
+            f"fms-{featurizer}",
+            f"FMS: deep-kernel GP on hyperparameters, learning curve and {featurizer} weight embedding",
+            True,
+            _freeze_thaw("dyhpo", featurizer, "cnn"),
+        )
+    for featurizer in ("gmn", "nfn", "flat", "stats"):
+        table[f"fms-{featurizer}-nocnn"] = MethodSpec(
+            f"fms-{featurizer}-nocnn",
+            f"FMS without the learning-curve CNN ({featurizer} weight embedding)",
+            True,
+            _freeze_thaw("dyhpo", featurizer, "none"),
+        )
+    table["dyhpo"] = MethodSpec(
+        "dyhpo", "DyHPO: deep-kernel GP on hyperparameters and learning curve", True, _freeze_thaw("dyhpo")
+    )
+    table["gp"] = MethodSpec("gp", "plain GP on hyperparameters and budget, freeze-thaw", True, _freeze_thaw("gp"))
+    table["random"] = MethodSpec(
+        "random", "random search, each configuration trained to the cap", False, _freeze_thaw("random")
+    )
+    table["hyperband"] = MethodSpec("hyperband", peers.HYPERBAND_DESCRIPTION, False, _peer(peers.run_hyperband))
+    table["asha"] = MethodSpec("asha", peers.ASHA_DESCRIPTION, False, _peer(peers.run_asha))
+    table["optuna"] = MethodSpec("optuna", peers.OPTUNA_DESCRIPTION, False, _peer(peers.run_optuna))
+    return table
+
+
+def _peer(fn: Callable[[Pool, Ledger, int], None]) -> MethodFn:
+    def run(pool: Pool, ledger: Ledger, seed: int, options: RunOptions, check: Callable[[Any], None]) -> None:
+        fn(pool, ledger, seed)
+
+    return run
+
+
+#: Every method by name, in report order.
+METHODS: dict[str, MethodSpec] = _spec_table()
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    """Return ``names`` as a list, or raise a one-line :class:`FMSError` naming the unknown ones and the known ones."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise FMSError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return list(names)
+
+
+def run_method(
+    name: str,
+    pool: Pool,
+    budget: int,
+    seed: int,
+    kendall_at: Sequence[int] = (50, 100),
+    *,
+    options: RunOptions | None = None,
+) -> MethodRun:
+    """Run one method on a pool until it has spent ``budget`` epochs.
+
+    Args:
+        name: A key of :data:`METHODS`.
+        pool: The tabulated pool.
+        budget: Epochs to spend (``1 .. N * E``).
+        seed: Seeds every choice of the method (a rerun makes the same choices).
+        kendall_at: Epochs spent at which a surrogate method forecasts every pool configuration's final
+            validation score; Kendall's tau and Spearman's rho against the true final scores (same
+            configurations on both sides) are recorded. Values above ``budget`` are skipped; the forecast's
+            seconds are not charged to the method.
+        options: Surrogate options (see :class:`RunOptions`).
+
+    Returns:
+        The run's record.
+
+    Raises:
+        FMSError: an unknown method, a budget out of range, or a featurizer that cannot read the pool.
+    """
+    check_methods([name])
+    spec = METHODS[name]
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, np.integer))
+        or not 1 <= budget <= pool.size * pool.epochs
+    ):
+        raise FMSError(
+            f"budget must be an integer in [1, {pool.size * pool.epochs}] epochs for pool {pool.name!r}, got {budget!r}"
+        )
+    options = options or RunOptions()
+    ledger = Ledger(pool, int(budget))
+    checks = sorted({int(k) for k in kendall_at if 1 <= int(k) <= budget})
+    true_final = to_scores(pool.val[:, -1], pool.mode)
+    kendall: list[dict[str, Any]] = []
+
+    def forecast_check(opt: Any) -> None:
+        if not spec.forecasts or ledger.spent not in checks or any(k["epochs_spent"] == ledger.spent for k in kendall):
+            return
+        try:
+            mean, _ = opt.predict(pool.configs)
+        except FMSError:
+            mean = np.full(pool.size, np.nan)
+        kendall.append(
+            {"epochs_spent": ledger.spent, **rank_correlation(mean, true_final), "predicted": [float(m) for m in mean]}
+        )
+
+    start = time.perf_counter()
+    with torch_threads(1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            spec.run(pool, ledger, int(seed), options, forecast_check)
+        except BudgetSpent:
+            pass
+    notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)))
+    return MethodRun(
+        method=name,
+        task=pool.name,
+        seed=int(seed),
+        budget=int(budget),
+        rows=ledger.rows,
+        kendall=kendall,
+        run_s=time.perf_counter() - start,
+        exhausted=not ledger.done,
+        settings={"kendall_at": checks, **(options.to_dict() if spec.forecasts else {})},
+        notes=notes,
+    )
