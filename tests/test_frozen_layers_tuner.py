@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from lightning_fms import FMSError, FMSTuner, FreezeThawOptimizer, SearchSpace
 from lightning_fms.fidelity import layer_units
 from lightning_fms.frozen_layers import FrozenLayers, check_fractions, fraction_costs, units_for_fraction
+from lightning_fms.observer import StudyObserver
 from lightning_fms.searcher import Searcher, Selection
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier, TinyResNet
 
@@ -186,3 +187,49 @@ def test_tuner_trains_frozen_epochs_with_the_input_side_unchanged(hub, tmp_path)
     # batch-norm statistics of the frozen units did not move either
     assert not {n for n in changed if "running_" in n}
     assert result.best_value is not None
+
+
+def test_a_resumed_two_fidelity_study_makes_the_same_decisions(hub, tmp_path):
+    class CrashAfter(StudyObserver):
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        def on_epoch_end(self, tuner, trial, epoch, metrics):
+            if tuner.optimizer.epochs_spent == self.epochs:
+                raise KeyboardInterrupt  # as if the process died right after an epoch was committed
+
+    def make(study_dir, budget, observers=()):
+        space = SearchSpace.from_dict(
+            {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True}},
+            hub_entries=["mlp-xs", "cnn-xs"],
+        )
+        return FMSTuner(
+            ImageClassifier,
+            DigitsDataModule,
+            space,
+            hub=hub,
+            study_dir=study_dir,
+            budget=budget,
+            monitor="val_acc",
+            max_epochs_per_trial=3,
+            datamodule_options={"task": "target", "batch_size": 64},
+            surrogate_options=FAST_SURROGATE,
+            num_fresh_candidates=8,
+            frozen_layers=True,
+            progress=False,
+            observers=observers,
+        )
+
+    straight = make(tmp_path / "straight", 3)
+    straight.run()
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "resumed", 3, observers=[CrashAfter(3)]).run()
+    resumed = make(tmp_path / "resumed", 3)
+    resumed.run()
+
+    def decisions(tuner):
+        keys = ("trial", "epoch", "trainable_fraction", "cost", "value", "budget_spent")
+        return [tuple(d[k] for k in keys) for d in tuner.optimizer.decisions]
+
+    assert decisions(resumed) == decisions(straight)
+    assert any(d[2] < 1.0 for d in decisions(straight))
