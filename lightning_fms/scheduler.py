@@ -32,7 +32,7 @@ from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, pretrained_ke
 from lightning_fms.searcher import Searcher, SelectionContext, SurrogateSearcher
 from lightning_fms.seeding import derive_seed
 from lightning_fms.space import SearchSpace
-from lightning_fms.trial import Trial, TrialStatus, to_score
+from lightning_fms.trial import Trial, TrialStatus, config_key, to_score
 
 STATE_VERSION = 1
 _SLACK = 1e-9
@@ -207,17 +207,17 @@ class FreezeThawOptimizer:
     def _fresh_configs(self, decision: int) -> list[dict[str, Any]]:
         """Fresh configurations offered at ``decision``: sampled from the space, or from ``configurations``."""
         rng = np.random.default_rng(derive_seed(self.seed, "fresh", decision))
-        seen = {_config_key(t.config) for t in self.trials.values()}
+        seen = {config_key(t.config) for t in self.trials.values()}
         fresh: list[dict[str, Any]] = []
         if self.configurations is not None:
-            unseen = [c for c in self.configurations if _config_key(c) not in seen]
+            unseen = [c for c in self.configurations if config_key(c) not in seen]
             if len(unseen) > self.num_fresh_candidates:
                 picks = rng.choice(len(unseen), size=self.num_fresh_candidates, replace=False)
                 unseen = [unseen[i] for i in picks]  # in random order: startup draws take the first
             return [dict(c) for c in unseen]
         for _ in range(self.num_fresh_candidates * 4):
             config = self.space.sample(rng)
-            key = _config_key(config)
+            key = config_key(config)
             if key not in seen:
                 seen.add(key)
                 fresh.append(config)
@@ -247,10 +247,10 @@ class FreezeThawOptimizer:
         epoch = self.cap if epoch is None else int(epoch)
         if not 1 <= epoch <= self.cap:
             raise FMSError(f"epoch must be in [1, {self.cap}], got {epoch}")
-        by_key = {_config_key(t.config): t for t in self.trials.values() if t.status != TrialStatus.RUNNING}
+        by_key = {config_key(t.config): t for t in self.trials.values() if t.status != TrialStatus.RUNNING}
         specs = []
         for config in configs:
-            trial = by_key.get(_config_key(config))
+            trial = by_key.get(config_key(config))
             known = min(trial.epochs, epoch - 1) if trial is not None else 0
             if trial is None or known == 0 or any(not math.isfinite(v) for v in trial.values[:known]):
                 specs.append(RowSpec(dict(config), epoch, (), pretrained_key(self.space, config)))
@@ -530,7 +530,3 @@ class FreezeThawOptimizer:
             del self.trials[trial_id]
         else:
             self.trials[trial_id].status = TrialStatus.PAUSED
-
-
-def _config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in config.items()))

@@ -97,3 +97,8 @@ def to_score(value: float, mode: str) -> float:
     if not math.isfinite(value):
         return -math.inf
     return value if mode == "max" else -value
+
+
+def config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Hashable identity of a configuration: its items as ``(name, repr(value))``, sorted by name."""
+    return tuple(sorted((k, repr(v)) for k, v in config.items()))

@@ -42,12 +42,8 @@ from lightning_fms.seeding import TrialSeeder, derive_seed
 from lightning_fms.space import SearchSpace
 from lightning_fms.study import atomic_write_bytes, atomic_write_text
 from lightning_fms.threads import torch_threads
+from lightning_fms.trial import config_key
 from lightning_fms.zoo.build import default_cache_dir
-
-
-def config_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """Hashable identity of a configuration (the same as the optimizer's)."""
-    return tuple(sorted((k, repr(v)) for k, v in config.items()))
 
 
 @dataclass
