@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from lightning_fms.errors import FMSError
-from lightning_fms.executor import accepts_argument
+from lightning_fms.executor import InProcessExecutor, accepts_argument
 from lightning_fms.hub import ModelHub
 from lightning_fms.space import SearchSpace
 
@@ -218,6 +218,35 @@ class Recipe:
         """The search space, with the hub choice checked against the hub's entries."""
         return SearchSpace.from_dict(self.space_spec, hub_entries=hub.names if hub is not None else None)
 
+    def build_executor(self, hub: ModelHub | None, space: SearchSpace, cap: int) -> InProcessExecutor:
+        """The :class:`~lightning_fms.executor.InProcessExecutor` that trains this recipe's trials.
+
+        Args:
+            hub: The recipe's hub (:meth:`load_hub`).
+            space: The recipe's space (:meth:`build_space`).
+            cap: The per-trial epoch cap (the LR schedule's horizon).
+
+        Raises:
+            FMSError: imports, or a space key that is no argument of the class it targets.
+        """
+        module_cls = self.model.resolve("model")
+        data_cls = self.data.resolve("data")
+        _check_space_targets(space, module_cls, data_cls, self.hub_argument)
+        return InProcessExecutor(
+            module_cls,
+            data_cls,
+            space,
+            hub,
+            monitor=self.monitor,
+            cap=cap,
+            hub_argument=self.hub_argument,
+            epochs_argument=self.epochs_argument,
+            weights_attribute=self.tuner.get("weights_attribute"),
+            module_options=self.model.init_args,
+            datamodule_options=self.data.init_args,
+            trainer_options=self.trainer,
+        )
+
     def build_tuner(self, study_dir: str | os.PathLike[str], progress: bool = True) -> Any:
         """An :class:`~lightning_fms.tuner.FMSTuner` for this recipe.
 
@@ -228,12 +257,11 @@ class Recipe:
 
         hub = self.load_hub()
         space = self.build_space(hub)
-        module_cls = self.model.resolve("model")
-        data_cls = self.data.resolve("data")
-        _check_space_targets(space, module_cls, data_cls, self.hub_argument)
+        executor = self.build_executor(hub, space, self.max_epochs_per_trial)
+        tuner_options = {k: v for k, v in self.tuner.items() if k != "weights_attribute"}  # in the executor
         return FMSTuner(
-            module_cls,
-            data_cls,
+            executor.module_factory,
+            executor.datamodule_factory,
             space,
             study_dir=study_dir,
             budget=self.budget,
@@ -242,13 +270,9 @@ class Recipe:
             hub=hub,
             max_epochs_per_trial=self.max_epochs_per_trial,
             seed=self.seed,
-            hub_argument=self.hub_argument,
-            epochs_argument=self.epochs_argument,
-            module_options=self.model.init_args,
-            datamodule_options=self.data.init_args,
-            trainer_options=self.trainer,
             progress=progress,
-            **self.tuner,
+            executor=executor,
+            **tuner_options,
         )
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from lightning_fms.errors import FMSError
 from lightning_fms.executor import InProcessExecutor
 from lightning_fms.hub import ModelHub, sha256_file
-from lightning_fms.recipe import Recipe, _check_space_targets
+from lightning_fms.recipe import Recipe
 from lightning_fms.space import SearchSpace
 
 __all__ = ["DEFAULT_TEST_METRIC", "POOL_BUILDER_VERSION", "POOL_KEYS", "BenchTask", "resolve_test_metric"]
@@ -205,25 +205,7 @@ class BenchTask:
             FMSError: imports, the space's keys or the trainer options do not fit.
         """
         hub = hub if hub is not None else self.load_hub()
-        space = self.build_space(hub)
-        recipe = self.recipe
-        module_cls = recipe.model.resolve("model")
-        data_cls = recipe.data.resolve("data")
-        _check_space_targets(space, module_cls, data_cls, recipe.hub_argument)
-        return InProcessExecutor(
-            module_cls,
-            data_cls,
-            space,
-            hub,
-            monitor=recipe.monitor,
-            cap=self.epochs,
-            hub_argument=recipe.hub_argument,
-            epochs_argument=recipe.epochs_argument,
-            weights_attribute=recipe.tuner.get("weights_attribute"),
-            module_options=recipe.model.init_args,
-            datamodule_options=recipe.data.init_args,
-            trainer_options=recipe.trainer,
-        )
+        return self.recipe.build_executor(hub, self.build_space(hub), self.epochs)
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
