@@ -17,7 +17,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,17 +164,24 @@ class InProcessExecutor:
         attribute = self.weights_attribute or ""
         return module.get_submodule(attribute) if attribute else module
 
-    def frozen_layer_costs(self, config: dict[str, Any], fractions: tuple[float, ...]) -> tuple[float, ...]:
-        """The frozen-layer cost model of ``config``'s architecture at each fraction (one real batch).
+    def frozen_layer_costs(
+        self, configs: Sequence[dict[str, Any]], fractions: tuple[float, ...]
+    ) -> list[tuple[float, ...]]:
+        """The frozen-layer cost model of each configuration's architecture at each fraction.
 
-        See :func:`lightning_fms.frozen_layers.fraction_costs`.
+        One real training batch (from the first configuration's datamodule, set up once) is used for all of
+        them. See :func:`lightning_fms.frozen_layers.fraction_costs`.
         """
-        module, datamodule = self.build(config, seed=0)
-        with quiet_lightning():
-            datamodule.prepare_data()
-            datamodule.setup("fit")
-            batch = next(iter(datamodule.train_dataloader()))
-        _, costs = fraction_costs(module, self.layer_target(module), batch, fractions)
+        batch = None
+        costs = []
+        for config in configs:
+            module, datamodule = self.build(config, seed=0)
+            if batch is None:
+                with quiet_lightning():
+                    datamodule.prepare_data()
+                    datamodule.setup("fit")
+                    batch = next(iter(datamodule.train_dataloader()))
+            costs.append(fraction_costs(module, self.layer_target(module), batch, fractions)[1])
         return costs
 
     # ------------------------------------------------------------------ running

@@ -240,16 +240,14 @@ class FMSTuner:
                 raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
 
     def _frozen_layer_model(self, fractions: tuple[float, ...]) -> FrozenLayers:
-        """The cost model of every hub entry (or of the one architecture without a hub), from one real batch each."""
+        """The cost model of every hub entry (or of the one architecture without a hub), on one real batch."""
         rng = np.random.default_rng(derive_seed(self.seed, "frozen-layer-costs"))
         config = self.space.sample(rng)
-        if self.space.hub_key is None:
-            return FrozenLayers(fractions, {"": self.executor.frozen_layer_costs(config, fractions)})
-        costs = {}
-        for entry in getattr(self.space[self.space.hub_key], "choices", ()):
-            config[self.space.hub_key] = entry
-            costs[str(entry)] = self.executor.frozen_layer_costs(dict(config), fractions)
-        return FrozenLayers(fractions, costs)
+        hub_key = self.space.hub_key
+        entries = list(getattr(self.space[hub_key], "choices", ())) if hub_key else [""]
+        configs = [{**config, hub_key: entry} if hub_key else config for entry in entries]
+        costs = self.executor.frozen_layer_costs(configs, fractions)
+        return FrozenLayers(fractions, {str(entry): cost for entry, cost in zip(entries, costs, strict=True)})
 
     def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
         """The module (architecture + weights) behind a weight key, cached."""
