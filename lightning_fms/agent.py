@@ -7,7 +7,7 @@
 
 Each decision the agent runs the command with the trial's values appended as ``--key=value`` (the space's
 names, e.g. ``--model.lr=0.01``, which a LightningCLI script accepts as it is), ``--ckpt_path=<checkpoint>``
-when it resumes a paused trial, and the environment variables of :mod:`lightning_fms.callback`. The
+when it resumes a paused trial, and the environment variables of :mod:`lightning_fms.training.callback`. The
 script's only change is ``FMSCheckpointCallback()`` in its Trainer's callbacks: it stops the run after the
 epoch the study paid for, saves the trial checkpoint and writes a small result file that the agent tells
 the study.
@@ -43,7 +43,16 @@ from typing import Any
 
 import torch
 
-from lightning_fms.callback import (
+from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
+from lightning_fms.search.searcher import build_searcher
+from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import TrialStatus
+from lightning_fms.study.directory import StudyDirectory, file_sha256
+from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
+from lightning_fms.sweep import read_space_file
+from lightning_fms.training.callback import (
     ENV_CHECKPOINT,
     ENV_EPOCH,
     ENV_MONITOR,
@@ -52,15 +61,6 @@ from lightning_fms.callback import (
     ENV_STUDY_DIR,
     ENV_TRIAL,
 )
-from lightning_fms.errors import CheckpointError, FMSError
-from lightning_fms.report import write_regret_plot, write_results, write_trajectory
-from lightning_fms.scheduler import FreezeThawOptimizer, Suggestion, SuggestionKind
-from lightning_fms.searcher import build_searcher
-from lightning_fms.seeding import derive_seed, seed_everything_quietly
-from lightning_fms.space import SearchSpace
-from lightning_fms.study import StudyDirectory, file_sha256
-from lightning_fms.sweep import read_space_file
-from lightning_fms.trial import TrialStatus
 
 __all__ = ["AgentSettings", "StudyAgent", "command_line"]
 

@@ -57,13 +57,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
 from lightning_fms.errors import FMSError, error_line
-from lightning_fms.executor import TUNER_TRAINER_KEYS, EpochJob, EpochOutcome, InProcessExecutor
 from lightning_fms.hub import HubEntry, ModelHub
-from lightning_fms.quiet import quiet_lightning
-from lightning_fms.seeding import seed_everything_quietly
-from lightning_fms.space import CategoricalParam, FloatParam, HubChoice, IntParam, SearchSpace
-from lightning_fms.study import atomic_write_text
+from lightning_fms.search.seeds import seed_everything_quietly
+from lightning_fms.search.space import CategoricalParam, FloatParam, HubChoice, IntParam, SearchSpace
+from lightning_fms.study.directory import atomic_write_text
 from lightning_fms.sweep import read_space_file
+from lightning_fms.training.executor import TUNER_TRAINER_KEYS, EpochJob, EpochOutcome, InProcessExecutor
+from lightning_fms.training.quiet import quiet_lightning
 
 if TYPE_CHECKING:
     from lightning_fms.tuner import TuneResult
@@ -134,7 +134,7 @@ class TunerOptions:
         surrogate_options: Extra surrogate arguments.
         featurizer_options: Extra featurizer arguments.
         frozen_layers: The frozen-layer fidelity: ``true`` (fractions 0.25, 0.5, 1), a list of trainable
-            fractions, or off (default); see :mod:`lightning_fms.frozen_layers`.
+            fractions, or off (default); see :mod:`lightning_fms.frozen.levels`.
         preflight: Check with a one-batch fit that the monitored metric is logged, before the study.
         progress: Show a live progress display.
         wandb: W&B logging.

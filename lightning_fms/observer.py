@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lightning_fms.trial import Trial
+    from lightning_fms.search.trial import Trial
     from lightning_fms.tuner import FMSTuner
 
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:
-    from lightning_fms.scheduler import FreezeThawOptimizer
+    from lightning_fms.search.optimizer import FreezeThawOptimizer
 
 
 class StudyProgress:

@@ -34,9 +34,9 @@ from typing import Any
 import yaml
 
 from lightning_fms.errors import FMSError
-from lightning_fms.executor import InProcessExecutor, accepts_argument
 from lightning_fms.hub import ModelHub
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.training.executor import InProcessExecutor, accepts_argument
 
 RECIPE_KEYS = {
     "hub",
@@ -219,7 +219,7 @@ class Recipe:
         return SearchSpace.from_dict(self.space_spec, hub_entries=hub.names if hub is not None else None)
 
     def build_executor(self, hub: ModelHub | None, space: SearchSpace, cap: int) -> InProcessExecutor:
-        """The :class:`~lightning_fms.executor.InProcessExecutor` that trains this recipe's trials.
+        """The :class:`~lightning_fms.training.executor.InProcessExecutor` that trains this recipe's trials.
 
         Args:
             hub: The recipe's hub (:meth:`load_hub`).

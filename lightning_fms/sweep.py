@@ -1,4 +1,4 @@
-"""Search-space files: W&B sweep YAML and the recipe format, read into a :class:`~lightning_fms.space.SearchSpace`.
+"""Search-space files: W&B sweep YAML and the recipe format, read into a :class:`~lightning_fms.SearchSpace`.
 
 A W&B user brings the sweep file unchanged::
 
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from lightning_fms.errors import FMSError
-from lightning_fms.space import CategoricalParam, FloatParam, IntParam, Parameter, SearchSpace
+from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam, Parameter, SearchSpace
 
 __all__ = ["SUPPORTED_DISTRIBUTIONS", "SpaceFile", "read_space_file", "space_from_sweep"]
 
@@ -182,7 +182,7 @@ class SpaceFile:
     """A search space as read from a file (or a mapping).
 
     Attributes:
-        space: The search space; a ``{type: hub}`` parameter is a :class:`~lightning_fms.space.HubChoice`
+        space: The search space; a ``{type: hub}`` parameter is a :class:`~lightning_fms.search.space.HubChoice`
             whose choices are written as in the file (not resolved).
         monitor: The metric named by the file (``metric.name`` of a sweep, ``monitor`` of the recipe
             form), or ``None``.

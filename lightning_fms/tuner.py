@@ -28,20 +28,20 @@ import torch
 from torch import nn
 
 from lightning_fms.errors import CheckpointError, FMSError
-from lightning_fms.executor import EpochJob, InProcessExecutor
-from lightning_fms.frozen_layers import FrozenLayers, check_fractions
+from lightning_fms.frozen.levels import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
 from lightning_fms.progress import StudyProgress
-from lightning_fms.report import write_regret_plot, write_results, write_trajectory
-from lightning_fms.rows import WeightKey
-from lightning_fms.scheduler import FreezeThawOptimizer, SuggestionKind
-from lightning_fms.searcher import SurrogateSearcher, build_searcher
-from lightning_fms.seeding import derive_seed, seed_everything_quietly
-from lightning_fms.snapshots import WeightSnapshots
-from lightning_fms.space import SearchSpace
-from lightning_fms.study import StudyDirectory, file_sha256
-from lightning_fms.trial import TrialStatus
+from lightning_fms.search.optimizer import FreezeThawOptimizer, SuggestionKind
+from lightning_fms.search.rows import WeightKey
+from lightning_fms.search.searcher import SurrogateSearcher, build_searcher
+from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import TrialStatus
+from lightning_fms.study.directory import StudyDirectory, file_sha256
+from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
+from lightning_fms.study.snapshots import WeightSnapshots
+from lightning_fms.training.executor import EpochJob, InProcessExecutor
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,12 @@ class FMSTuner:
         featurizer_options: Extra featurizer arguments.
         progress: Show a live progress display.
         observers: Hooks called as the study progresses (e.g. W&B logging).
-        frozen_layers: The frozen-layer fidelity (:mod:`lightning_fms.frozen_layers`): ``False``/``None``
+        frozen_layers: The frozen-layer fidelity (:mod:`lightning_fms.frozen.levels`): ``False``/``None``
             (off, the default), ``True`` (trainable fractions 0.25, 0.5, 1) or a list of fractions in
             ``(0, 1]``. Each decision then also picks how many layer units an epoch trains, and the
             budget counts full-epoch equivalents at the cost model of each level.
         executor: Runs the epochs (e.g. trials built by a LightningCLI); default: an
-            :class:`~lightning_fms.executor.InProcessExecutor` of the factories and options above.
+            :class:`~lightning_fms.training.executor.InProcessExecutor` of the factories and options above.
     """
 
     def __init__(

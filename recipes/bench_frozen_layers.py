@@ -4,7 +4,7 @@ Part 1 (rank agreement). For a ResNet-style and a transformer-style model of the
 TinyResNet width 16, 5 units; ``vit-s``: TinyViT dim 32 depth 2, 5 units), ``--configs`` random fine-tuning
 configurations (lr log-uniform, weight decay log-uniform, momentum, batch size) are each trained for ``--epochs``
 epochs on the digits target task with :class:`~lightning_fms.zoo.ImageClassifier` and the
-:class:`~lightning_fms.fidelity.FrozenUnits` callback, once per k (every k from 1 to n). Spearman's rho and
+:class:`~lightning_fms.frozen.units.FrozenUnits` callback, once per k (every k from 1 to n). Spearman's rho and
 Kendall's tau-b between the final validation accuracies at k and at full training (k = n) are reported, with a
 bootstrap 95% interval for rho, the overlap of the top-5 configurations and the regret of picking the best
 configuration at k (full-training accuracy of the best configuration minus that of the one k ranks first). A second
@@ -111,8 +111,8 @@ def train_final_accuracy(
     """Fine-tune ``net`` (in place) with ``config`` at ``k`` trainable units; return the last validation accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_fms.fidelity import FrozenUnits
-    from lightning_fms.seeding import TrialSeeder
+    from lightning_fms.frozen.callback import FrozenUnits
+    from lightning_fms.training.seeder import TrialSeeder
     from lightning_fms.zoo import DigitsDataModule, ImageClassifier, quiet_lightning
 
     module = ImageClassifier(
@@ -144,8 +144,8 @@ def train_final_accuracy(
 
 def run_rank_agreement(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, Any]:
     """Train every (init, model, config, k) and the second-seed full runs; return the raw accuracies."""
-    from lightning_fms.fidelity import layer_units, trainable_fraction
-    from lightning_fms.seeding import derive_seed
+    from lightning_fms.frozen.units import layer_units, trainable_fraction
+    from lightning_fms.search.seeds import derive_seed
     from lightning_fms.zoo import build_demo_hub
 
     hub = build_demo_hub(args.hub_dir, verbose=True)
@@ -297,7 +297,7 @@ def _status_kib(field: str) -> int:
 
 def measure_cost(name: str, k: int, steps: int, warmup: int) -> dict[str, Any]:
     """Time and memory of one training step of cost model ``name`` at ``k`` (run in a fresh process)."""
-    from lightning_fms.fidelity import layer_units, set_trainable_units, trainable_fraction
+    from lightning_fms.frozen.units import layer_units, set_trainable_units, trainable_fraction
 
     torch.set_num_threads(1)
     spec = COST_MODELS[name]
@@ -361,7 +361,7 @@ def measure_cost(name: str, k: int, steps: int, warmup: int) -> dict[str, Any]:
 
 def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One subprocess per (cost model, k)."""
-    from lightning_fms.fidelity import layer_units
+    from lightning_fms.frozen.units import layer_units
 
     rows = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")

@@ -71,8 +71,9 @@ def cost_table(fractions: tuple[float, ...] = (0.25, 0.5), steps: int = 60) -> N
     """Print, per demo hub entry, the FLOP cost model next to the measured time of a training step (batch 32)."""
     import statistics
 
-    from lightning_fms.fidelity import set_trainable_units
-    from lightning_fms.frozen_layers import fraction_costs, units_for_fraction
+    from lightning_fms.frozen.costs import fraction_costs
+    from lightning_fms.frozen.levels import units_for_fraction
+    from lightning_fms.frozen.units import set_trainable_units
     from lightning_fms.zoo import ImageClassifier, build_demo_hub
 
     hub = build_demo_hub()

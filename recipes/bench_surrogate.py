@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from lightning_fms import FMSError, FreezeThawOptimizer, ModelHub, SearchSpace
-from lightning_fms.searcher import Searcher, Selection, SelectionContext, build_searcher
-from lightning_fms.seeding import derive_seed
+from lightning_fms.search.searcher import Searcher, Selection, SelectionContext, build_searcher
+from lightning_fms.search.seeds import derive_seed
 
 SPACE = {
     "hub": {"type": "categorical", "choices": ["mlp-s", "mlp-m", "cnn-s", "cnn-m", "resnet-s", "resnet-m"]},

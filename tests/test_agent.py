@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_fms.scheduler import FreezeThawOptimizer
-from lightning_fms.searcher import build_searcher
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.optimizer import FreezeThawOptimizer
+from lightning_fms.search.searcher import build_searcher
+from lightning_fms.search.space import SearchSpace
 
 SCRIPT = '''
 """A user's fine-tuning script: argparse, a Trainer, and FMSCheckpointCallback() -- nothing else of FMS."""
@@ -225,7 +225,7 @@ def test_bad_input_is_one_line(workdir, capsys):
 
 
 def test_tune_and_agent_studies_refuse_each_other(workdir, tmp_path, capsys):
-    from lightning_fms.study import StudyDirectory
+    from lightning_fms.study.directory import StudyDirectory
 
     # a study written by the tuner (state with a "tuner" section) refuses agents
     space = SearchSpace.from_dict(SPACE)
@@ -264,7 +264,7 @@ def test_tune_and_agent_studies_refuse_each_other(workdir, tmp_path, capsys):
 
 def test_tuner_refuses_an_agent_study(tmp_path):
     from lightning_fms.errors import FMSError
-    from lightning_fms.study import StudyDirectory
+    from lightning_fms.study.directory import StudyDirectory
     from lightning_fms.tuner import FMSTuner
     from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 

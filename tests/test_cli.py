@@ -130,7 +130,7 @@ def test_hub_file_with_pickled_code_is_refused_not_run(hub, tmp_path):
 
 
 def test_locked_study_is_refused(hub_file, tmp_path):
-    from lightning_fms.study import StudyDirectory
+    from lightning_fms.study.directory import StudyDirectory
 
     recipe = write_recipe(tmp_path / "r.yaml", hub_file)
     with StudyDirectory(tmp_path / "s"):

@@ -8,15 +8,15 @@ import torch
 from torch import nn
 
 from lightning_fms.errors import FMSError
-from lightning_fms.fidelity import (
-    FrozenUnits,
+from lightning_fms.frozen.callback import FrozenUnits
+from lightning_fms.frozen.units import (
     layer_units,
     set_trainable_units,
     trainable_fraction,
     trainable_fractions,
 )
-from lightning_fms.quiet import quiet_lightning
-from lightning_fms.seeding import TrialSeeder
+from lightning_fms.training.quiet import quiet_lightning
+from lightning_fms.training.seeder import TrialSeeder
 from lightning_fms.zoo import MLP, DeepSets, DigitsDataModule, ImageClassifier, SmallCNN, TinyResNet, TinyViT
 
 BLOCK1 = ["conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"]

@@ -9,10 +9,11 @@ from conftest import FAST_SURROGATE
 from safetensors.torch import load_file
 
 from lightning_fms import FMSError, FMSTuner, FreezeThawOptimizer, SearchSpace
-from lightning_fms.fidelity import layer_units
-from lightning_fms.frozen_layers import FrozenLayers, check_fractions, fraction_costs, units_for_fraction
+from lightning_fms.frozen.costs import fraction_costs
+from lightning_fms.frozen.levels import FrozenLayers, check_fractions, units_for_fraction
+from lightning_fms.frozen.units import layer_units
 from lightning_fms.observer import StudyObserver
-from lightning_fms.searcher import Searcher, Selection
+from lightning_fms.search.searcher import Searcher, Selection
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier, TinyResNet
 
 SPACE = {

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from lightning_fms import SearchSpace, Trial, TrialStatus
-from lightning_fms.rows import Candidate, candidate_specs, encode_rows, training_specs
+from lightning_fms.search.rows import Candidate, candidate_specs, encode_rows, training_specs
 
 SPACE = SearchSpace.from_dict(
     {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.0, "high": 1.0}}, hub_entries=["a", "b"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_fms import FMSError, FreezeThawOptimizer, RandomSearcher, SearchSpace, SuggestionKind, TrialStatus
-from lightning_fms.searcher import Searcher, Selection, SurrogateSearcher
+from lightning_fms.search.searcher import Searcher, Selection, SurrogateSearcher
 from lightning_fms.surrogate import DeepKernelSurrogate
 
 SPACE = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_fms import FMSError, SearchSpace
-from lightning_fms.space import CategoricalParam, FloatParam, HubChoice, IntParam
+from lightning_fms.search.space import CategoricalParam, FloatParam, HubChoice, IntParam
 
 SPEC = {
     "hub": {"type": "hub"},

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lightning_fms.errors import FMSError
-from lightning_fms.space import CategoricalParam, FloatParam, HubChoice, IntParam
+from lightning_fms.search.space import CategoricalParam, FloatParam, HubChoice, IntParam
 from lightning_fms.sweep import SUPPORTED_DISTRIBUTIONS, read_space_file, space_from_sweep
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "cli"

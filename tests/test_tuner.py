@@ -7,11 +7,12 @@ import torch
 from conftest import FAST_SURROGATE
 
 from lightning_fms import CheckpointError, FMSError, FMSTuner, SearchSpace, StudyLockedError, TrialStatus
-from lightning_fms.executor import EpochJob, InProcessExecutor
 from lightning_fms.observer import StudyObserver
-from lightning_fms.report import TRAJECTORY_COLUMNS
-from lightning_fms.seeding import TrialSeeder, derive_seed
-from lightning_fms.study import StudyDirectory
+from lightning_fms.search.seeds import derive_seed
+from lightning_fms.study.directory import StudyDirectory
+from lightning_fms.study.reports import TRAJECTORY_COLUMNS
+from lightning_fms.training.executor import EpochJob, InProcessExecutor
+from lightning_fms.training.seeder import TrialSeeder
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 SPACE_SPEC = {

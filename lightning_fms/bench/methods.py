@@ -40,10 +40,10 @@ from lightning_fms.bench import peers
 from lightning_fms.bench.metrics import rank_correlation, to_scores
 from lightning_fms.bench.pool import Pool
 from lightning_fms.errors import FMSError
-from lightning_fms.rows import WeightKey
-from lightning_fms.scheduler import FreezeThawOptimizer
-from lightning_fms.searcher import build_searcher
-from lightning_fms.seeding import derive_seed, seed_everything_quietly
+from lightning_fms.search.optimizer import FreezeThawOptimizer
+from lightning_fms.search.rows import WeightKey
+from lightning_fms.search.searcher import build_searcher
+from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.threads import torch_threads
 
 #: Columns of :attr:`MethodRun.rows`, one row per epoch spent.

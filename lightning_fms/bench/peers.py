@@ -21,7 +21,7 @@ fresh random configuration starts at the first rung.
 through the ask/tell API. The pool is finite, so each trial's suggested parameters (``suggest_float`` with
 ``log`` where the space is log, ``suggest_int``, ``suggest_categorical`` for categoricals and the hub choice)
 are mapped to the *nearest not-yet-used* pool configuration, by Euclidean distance in the space's unit-cube
-encoding (:meth:`~lightning_fms.space.SearchSpace.encode`: log-scaled numbers in ``[0, 1]``, one-hot
+encoding (:meth:`~lightning_fms.search.space.SearchSpace.encode`: log-scaled numbers in ``[0, 1]``, one-hot
 categoricals, so a different hub entry costs ``sqrt(2)``, more than any numeric difference within one
 parameter). Optuna is told the parameters it suggested; the values reported are that pool configuration's
 tabulated curve, epoch by epoch, until the pruner stops it or it reaches ``E`` (the trial's value is then its
@@ -39,8 +39,8 @@ import numpy as np
 
 from lightning_fms.bench.metrics import to_scores
 from lightning_fms.errors import FMSError
-from lightning_fms.seeding import derive_seed
-from lightning_fms.space import CategoricalParam, FloatParam, IntParam
+from lightning_fms.search.seeds import derive_seed
+from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam
 
 if TYPE_CHECKING:
     from lightning_fms.bench.methods import Ledger

@@ -33,16 +33,17 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fms.bench.task import POOL_BUILDER_VERSION, BenchTask, TestMetric
-from lightning_fms.callback import FMSCheckpointCallback
 from lightning_fms.errors import CheckpointError, FMSError, error_line
-from lightning_fms.executor import InProcessExecutor, _divergence
 from lightning_fms.hub import ModelHub
-from lightning_fms.quiet import quiet_lightning
-from lightning_fms.seeding import TrialSeeder, derive_seed
-from lightning_fms.space import SearchSpace
-from lightning_fms.study import atomic_write_bytes, atomic_write_text
+from lightning_fms.search.seeds import derive_seed
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import config_key
+from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
 from lightning_fms.threads import torch_threads
-from lightning_fms.trial import config_key
+from lightning_fms.training.callback import FMSCheckpointCallback
+from lightning_fms.training.executor import InProcessExecutor, _divergence
+from lightning_fms.training.quiet import quiet_lightning
+from lightning_fms.training.seeder import TrialSeeder
 from lightning_fms.zoo.build import default_cache_dir
 
 
@@ -264,7 +265,7 @@ def _train_config(
     """Train configuration ``index`` for ``task.epochs`` epochs in one fit and write its two files.
 
     The configuration is trained as trial ``index`` of a study with seed ``task.pool_seed``: the same
-    initialisation seed, the same :class:`~lightning_fms.seeding.TrialSeeder`, the same Trainer settings,
+    initialisation seed, the same :class:`~lightning_fms.search.seeds.TrialSeeder`, the same Trainer settings,
     so epoch ``k`` equals what the tuner's executor records for that trial.
 
     Returns:

@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_fms.errors import FMSError
-from lightning_fms.executor import InProcessExecutor
 from lightning_fms.hub import ModelHub, sha256_file
 from lightning_fms.recipe import Recipe
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.training.executor import InProcessExecutor
 
 __all__ = ["DEFAULT_TEST_METRIC", "POOL_BUILDER_VERSION", "POOL_KEYS", "BenchTask", "resolve_test_metric"]
 
@@ -197,8 +197,8 @@ class BenchTask:
     def build_executor(self, hub: ModelHub | None = None) -> InProcessExecutor:
         """The executor the tuner would use for this recipe with ``max_epochs_per_trial = epochs``.
 
-        Its :meth:`~lightning_fms.executor.InProcessExecutor.build` turns a configuration into the trial's
-        module and datamodule, and :meth:`~lightning_fms.executor.InProcessExecutor.run_epoch` trains one
+        Its :meth:`~lightning_fms.training.executor.InProcessExecutor.build` turns a configuration into the trial's
+        module and datamodule, and :meth:`~lightning_fms.training.executor.InProcessExecutor.run_epoch` trains one
         epoch of a trial, exactly as under :class:`~lightning_fms.tuner.FMSTuner`.
 
         Raises:

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_fms.errors import FMSError
 from lightning_fms.observer import StudyObserver
-from lightning_fms.report import trajectory_rows
-from lightning_fms.trial import TrialStatus, to_score
+from lightning_fms.search.trial import TrialStatus, to_score
+from lightning_fms.study.reports import trajectory_rows
 
 if TYPE_CHECKING:
-    from lightning_fms.trial import Trial
+    from lightning_fms.search.trial import Trial
     from lightning_fms.tuner import FMSTuner
 
 __all__ = ["INSTALL_HINT", "WandbStudyLogger", "wandb_available"]

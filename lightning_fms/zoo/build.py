@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub, _import_module_class, sha256_file
-from lightning_fms.quiet import quiet_lightning
 from lightning_fms.threads import torch_threads
+from lightning_fms.training.quiet import quiet_lightning
 
 __all__ = [
     "CNN_HUB_SPECS",

@@ -17,8 +17,8 @@ from lightning_fms.bench.peers import hyperband_brackets, nearest, rung_epochs
 from lightning_fms.bench.pool import Pool
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub
-from lightning_fms.seeding import derive_seed
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.seeds import derive_seed
+from lightning_fms.search.space import SearchSpace
 
 FAST = RunOptions(
     surrogate_options={"full_fit_steps": 30, "refine_steps": 5, "full_fits": 1},

@@ -19,7 +19,7 @@ import lightning_fms.bench.pool as pool_module
 from lightning_fms.bench.pool import build_pool, load_pool, main, pool_dir
 from lightning_fms.bench.task import BenchTask
 from lightning_fms.errors import FMSError
-from lightning_fms.executor import EpochJob
+from lightning_fms.training.executor import EpochJob
 from lightning_fms.zoo import CNN_HUB_SPECS, MnistDataModule
 from lightning_fms.zoo.mnist import _mnist_8x8, load_mnist_task
 

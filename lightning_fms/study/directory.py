@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
-from lightning_fms.trial import to_score
+from lightning_fms.search.trial import to_score
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_fms.study import atomic_write_text
+from lightning_fms.study.directory import atomic_write_text
 
 ENV_STUDY_DIR = "LIGHTNING_FMS_STUDY_DIR"
 ENV_TRIAL = "LIGHTNING_FMS_TRIAL"

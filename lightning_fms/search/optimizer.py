@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from lightning_fms.errors import FMSError
-from lightning_fms.frozen_layers import FrozenLayers
-from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
-from lightning_fms.searcher import Searcher, SelectionContext, SurrogateSearcher
-from lightning_fms.seeding import derive_seed
-from lightning_fms.space import SearchSpace
-from lightning_fms.trial import Trial, TrialStatus, config_key, to_score
+from lightning_fms.frozen.levels import FrozenLayers
+from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
+from lightning_fms.search.searcher import Searcher, SelectionContext, SurrogateSearcher
+from lightning_fms.search.seeds import derive_seed
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import Trial, TrialStatus, config_key, to_score
 
 STATE_VERSION = 1
 _SLACK = 1e-9
@@ -76,7 +76,7 @@ class FreezeThawOptimizer:
 
     Args:
         space: The search space.
-        searcher: Chooses among candidates (see :mod:`lightning_fms.searcher`).
+        searcher: Chooses among candidates (see :mod:`lightning_fms.search.searcher`).
         budget: Total epochs to train over all trials (>= 1).
         max_epochs_per_trial: Per-trial epoch cap (>= 1); also the horizon of each trial's LR schedule.
         mode: ``"max"`` or ``"min"`` for the monitored metric.

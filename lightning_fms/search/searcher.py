@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from lightning_fms.errors import FMSError
-from lightning_fms.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import Trial
 from lightning_fms.surrogate import Surrogate, budget_incumbents, build_surrogate, expected_improvement
 from lightning_fms.threads import torch_threads
-from lightning_fms.trial import Trial
 
 SEARCHERS = ("dyhpo", "gp", "random")
 

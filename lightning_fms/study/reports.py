@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_fms.study import atomic_write_bytes, atomic_write_text
-from lightning_fms.trial import to_score
+from lightning_fms.search.trial import to_score
+from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from lightning_fms.scheduler import FreezeThawOptimizer
+    from lightning_fms.search.optimizer import FreezeThawOptimizer
 
 TRAJECTORY_COLUMNS = (
     "epochs_spent",

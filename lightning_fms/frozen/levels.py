@@ -1,7 +1,7 @@
 """Frozen layers as the tuner's second fidelity: trainable-fraction levels and what an epoch at each costs.
 
 With the option on, a decision buys one epoch of one trial *at a trainable fraction* ``f``: only the last
-``ceil(f * n)`` of the network's ``n`` layer units (see :func:`lightning_fms.fidelity.layer_units`) train in
+``ceil(f * n)`` of the network's ``n`` layer units (see :func:`lightning_fms.frozen.units.layer_units`) train in
 that epoch. A trial only ever thaws (its next epoch trains at least the fraction of its last one), so the
 optimizer that holds every parameter from the start continues exactly.
 
@@ -18,17 +18,11 @@ those dominate.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from lightning_fms.errors import FMSError
-from lightning_fms.fidelity import layer_units, set_trainable_units
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
 """Levels used when the option is simply ``True``."""
@@ -61,65 +55,6 @@ def check_fractions(option: Any) -> tuple[float, ...] | None:
         levels.add(round(float(value), 6))
     levels.add(1.0)
     return tuple(sorted(levels))
-
-
-def step_flops(training_step: Callable[[], torch.Tensor]) -> int:
-    """Floating-point operations of one forward + backward pass.
-
-    Args:
-        training_step: Returns a scalar loss (the forward); it is then back-propagated.
-    """
-    with FlopCounterMode(display=False) as counter:
-        loss = training_step()
-        if loss.requires_grad:
-            loss.backward()
-    return int(counter.get_total_flops())
-
-
-def fraction_costs(
-    module: nn.Module, net: nn.Module, batch: Any, fractions: Sequence[float], *, step: Callable[..., Any] | None = None
-) -> tuple[int, tuple[float, ...]]:
-    """Cost of a training step at each fraction, relative to full training (the cost model above).
-
-    Args:
-        module: The LightningModule (or any module) whose ``training_step(batch, 0)`` returns the loss
-            (or a mapping with ``"loss"``); ``step`` replaces it.
-        net: The part of ``module`` split into layer units (e.g. ``module.net``).
-        batch: One training batch.
-        fractions: Levels in ``(0, 1]``.
-        step: ``step(batch) -> loss`` to use instead of ``module.training_step``.
-
-    Returns:
-        ``(n_units, costs)``; ``costs[i]`` is in ``(0, 1]`` for ``fractions[i]`` (1 at full training).
-    """
-    n_units = len(layer_units(net))
-    was_training = module.training
-    saved = {name: p.requires_grad for name, p in module.named_parameters()}
-
-    def run() -> torch.Tensor:
-        out = step(batch) if step is not None else module.training_step(batch, 0)  # type: ignore[operator]
-        loss = out["loss"] if isinstance(out, Mapping) else out
-        if not isinstance(loss, torch.Tensor):
-            raise FMSError("training_step must return a loss tensor to measure the frozen-layer cost model")
-        return loss
-
-    flops: dict[int, int] = {}
-    try:
-        module.train()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # self.log outside a Trainer warns
-            for k in sorted({units_for_fraction(f, n_units) for f in fractions} | {n_units}):
-                set_trainable_units(net, k)
-                flops[k] = step_flops(run)
-                module.zero_grad(set_to_none=True)
-    finally:
-        for name, p in module.named_parameters():
-            p.requires_grad_(saved[name])
-        module.train(was_training)
-    full = flops[n_units]
-    if full <= 0:  # nothing the counter knows (no matmul/conv): fall back to the share of units
-        return n_units, tuple(units_for_fraction(f, n_units) / n_units for f in fractions)
-    return n_units, tuple(min(1.0, flops[units_for_fraction(f, n_units)] / full) for f in fractions)
 
 
 @dataclass(frozen=True)

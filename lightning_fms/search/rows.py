@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_fms.space import SearchSpace
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.search.trial import Trial, TrialStatus, to_score
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.trial import Trial, TrialStatus, to_score
 
 WeightKey = tuple[Hashable, ...]
 ModuleProvider = Callable[[WeightKey, dict[str, Any]], nn.Module]
@@ -36,7 +36,7 @@ class Candidate:
     """A possible next step: train ``epoch`` of ``trial_id``, or of a fresh configuration when ``trial_id`` is None.
 
     ``fraction`` is the share of layer units trainable in that epoch and ``cost`` what the epoch is charged in
-    full-epoch equivalents (both 1 unless the frozen-layer fidelity is on, see :mod:`lightning_fms.frozen_layers`).
+    full-epoch equivalents (both 1 unless the frozen-layer fidelity is on, see :mod:`lightning_fms.frozen.levels`).
     """
 
     trial_id: int | None

@@ -5,7 +5,7 @@ not change the tuner.
 
 The in-process executor builds a fresh ``Trainer(max_epochs=epoch)`` per epoch and resumes from the
 trial's checkpoint with ``fit(ckpt_path=..., weights_only=True)``. That restores weights, optimizer,
-LR scheduler and loop state exactly; :class:`~lightning_fms.seeding.TrialSeeder` makes the data order
+LR scheduler and loop state exactly; :class:`~lightning_fms.search.seeds.TrialSeeder` makes the data order
 and dropout of epoch ``k`` independent of how the epochs were split across fits. (Calling ``fit``
 again on the same Trainer after raising ``max_epochs`` would rebuild the optimizer and restart the LR
 schedule.)
@@ -25,15 +25,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fms.callback import FMSCheckpointCallback
 from lightning_fms.errors import FMSError
-from lightning_fms.fidelity import FrozenUnits, layer_units
-from lightning_fms.frozen_layers import fraction_costs, units_for_fraction
+from lightning_fms.frozen.callback import FrozenUnits
+from lightning_fms.frozen.costs import fraction_costs
+from lightning_fms.frozen.levels import units_for_fraction
+from lightning_fms.frozen.units import layer_units
 from lightning_fms.hub import ModelHub
-from lightning_fms.quiet import quiet_lightning
-from lightning_fms.seeding import TrialSeeder, derive_seed, seed_everything_quietly
-from lightning_fms.space import SearchSpace
-from lightning_fms.trial_logger import TrialCSVLogger
+from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.training.callback import FMSCheckpointCallback
+from lightning_fms.training.quiet import quiet_lightning
+from lightning_fms.training.seeder import TrialSeeder
+from lightning_fms.training.trial_logger import TrialCSVLogger
 
 #: ``Trainer`` arguments the tuner sets itself for every epoch; users cannot override them.
 TUNER_TRAINER_KEYS = (
@@ -170,7 +173,7 @@ class InProcessExecutor:
         """The frozen-layer cost model of each configuration's architecture at each fraction.
 
         One real training batch (from the first configuration's datamodule, set up once) is used for all of
-        them. See :func:`lightning_fms.frozen_layers.fraction_costs`.
+        them. See :func:`lightning_fms.frozen.levels.fraction_costs`.
         """
         batch = None
         costs = []
