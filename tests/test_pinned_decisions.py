@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
@@ -58,12 +59,21 @@ def run_study(hub, study_dir: Path) -> list[dict]:
     ]
 
 
+@pytest.fixture
+def one_thread():
+    """Float reductions depend on the thread count, so the pin holds at one intra-op thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
-def test_first_30_decisions_are_pinned(hub, tmp_path):
+def test_first_30_decisions_are_pinned(hub, tmp_path, one_thread):
     decisions = run_study(hub, tmp_path / "study")
     if os.environ.get("LIGHTNING_FMS_REPIN"):
         PIN.write_text(json.dumps(decisions, indent=1) + "\n")
     pinned = json.loads(PIN.read_text())
-    assert len(decisions) == len(pinned) >= 30
-    for i, (got, want) in enumerate(zip(decisions, pinned, strict=True)):
+    for i, (got, want) in enumerate(zip(decisions, pinned)):
         assert got == want, f"decision {i} differs: {got} != {want}"
+    assert len(decisions) == len(pinned) >= 30

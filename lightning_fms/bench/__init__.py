@@ -11,7 +11,8 @@ runs on :class:`Pool` objects, built in memory or loaded with ``load_pool``::
 
 from typing import Any
 
-from lightning_fms.bench.methods import METHODS, Ledger, MethodRun, MethodSpec, RunOptions, check_methods, run_method
+from lightning_fms.bench.ledger import Ledger
+from lightning_fms.bench.methods import METHODS, MethodRun, MethodSpec, RunOptions, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, mean_ci, normalised_regret, rank_correlation
 from lightning_fms.bench.pool import Pool
 from lightning_fms.bench.report import ReportMeta, write_report

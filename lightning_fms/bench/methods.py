@@ -2,9 +2,9 @@
 
 ``run_method(name, pool, budget, seed)`` replays a method on a :class:`~lightning_fms.bench.pool.Pool`:
 "training" epoch ``k`` of configuration ``i`` costs ``pool.train_seconds[i, k-1]`` and yields
-``pool.val[i, k-1]``. The :class:`Ledger` keeps the books every method shares: one row per epoch spent with the
-validation-selected incumbent, the tabulated training seconds and the method's own measured decision seconds
-(surrogate fits, Optuna's sampler, ...).
+``pool.val[i, k-1]``. The :class:`~lightning_fms.bench.ledger.Ledger` keeps the books every method shares: one
+row per epoch spent with the validation-selected incumbent, the tabulated training seconds and the method's own
+measured decision seconds (surrogate fits, Optuna's sampler, ...).
 
 Methods (:data:`METHODS`):
 
@@ -24,11 +24,9 @@ measured decision seconds differ.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from lightning_fms.bench import peers
+from lightning_fms.bench.ledger import BudgetSpent, Ledger
 from lightning_fms.bench.metrics import rank_correlation, to_scores
 from lightning_fms.bench.pool import Pool
 from lightning_fms.errors import FMSError
@@ -134,84 +133,6 @@ class MethodRun:
             settings=dict(data.get("settings", {})),
             notes=[str(n) for n in data.get("notes", [])],
         )
-
-
-class BudgetSpent(Exception):
-    """Raised by :meth:`Ledger.train` once the budget is spent."""
-
-
-class Ledger:
-    """The books of one run: epochs spent, seconds, and the incumbent selected on validation.
-
-    Args:
-        pool: The pool.
-        budget: Epochs the method may spend.
-    """
-
-    def __init__(self, pool: Pool, budget: int) -> None:
-        self.pool = pool
-        self.budget = int(budget)
-        self.rows: list[dict[str, Any]] = []
-        self.train_s = 0.0
-        self.decision_s = 0.0
-        self.trained = np.zeros(pool.size, dtype=np.int64)
-        self._scores = to_scores(pool.val, pool.mode)
-        self._best_score = -math.inf
-        self._best_val = math.nan
-        self._incumbent_test = math.nan
-
-    @property
-    def spent(self) -> int:
-        """Epochs spent so far."""
-        return len(self.rows)
-
-    @property
-    def done(self) -> bool:
-        """Whether the budget is spent."""
-        return self.spent >= self.budget
-
-    @contextlib.contextmanager
-    def deciding(self) -> Iterator[None]:
-        """Charge the wall seconds of the enclosed block to the method's decision time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.decision_s += time.perf_counter() - start
-
-    def train(self, index: int, epoch: int) -> float:
-        """Spend one epoch: epoch ``epoch`` (1-based) of configuration ``index``; returns its validation value.
-
-        Raises:
-            BudgetSpent: the budget is already spent.
-            ValueError: ``index`` or ``epoch`` is out of the pool's range.
-        """
-        if self.done:
-            raise BudgetSpent
-        if not (0 <= index < self.pool.size and 1 <= epoch <= self.pool.epochs):
-            raise ValueError(f"configuration {index} epoch {epoch} is outside the pool")
-        val = float(self.pool.val[index, epoch - 1])
-        test = float(self.pool.test[index, epoch - 1])
-        self.train_s += float(self.pool.train_seconds[index, epoch - 1])
-        score = float(self._scores[index, epoch - 1])
-        if math.isfinite(score) and score > self._best_score:
-            self._best_score, self._best_val, self._incumbent_test = score, val, test
-        self.trained[index] = epoch
-        self.rows.append(
-            {
-                "epochs_spent": self.spent + 1,
-                "config": int(index),
-                "epoch": int(epoch),
-                "val": val,
-                "test": test,
-                "best_val": self._best_val,
-                "incumbent_test": self._incumbent_test,
-                "train_s": self.train_s,
-                "decision_s": self.decision_s,
-                "wall_s": self.train_s + self.decision_s,
-            }
-        )
-        return val
 
 
 #: The benchmark's deep-kernel fit schedule: 2 fits of 500 Adam steps from scratch, then 30 warm-started steps per

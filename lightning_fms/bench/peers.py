@@ -1,6 +1,6 @@
 """Peer methods on a tabulated pool: Hyperband, ASHA and Optuna (TPE + its Hyperband pruner).
 
-All three spend epochs through a :class:`~lightning_fms.bench.methods.Ledger` and stop exactly at its budget.
+All three spend epochs through a :class:`~lightning_fms.bench.ledger.Ledger` and stop exactly at its budget.
 
 **Rungs.** Hyperband and ASHA promote at the epochs ``min_epochs * eta**k`` below the cap ``E`` and at ``E``
 itself (``E = 20, eta = 3``: 1, 3, 9, 20), the bottom-anchored ladder Optuna's pruner uses too.
@@ -43,7 +43,7 @@ from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam
 
 if TYPE_CHECKING:
-    from lightning_fms.bench.methods import Ledger
+    from lightning_fms.bench.ledger import Ledger
     from lightning_fms.bench.pool import Pool
 
 HYPERBAND_DESCRIPTION = "Hyperband (eta 3, min 1 epoch), promoted configurations continue (freeze-thaw)"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_fms.bench.methods import METHODS, Ledger, RunOptions, check_methods, run_method
+from lightning_fms.bench.ledger import Ledger
+from lightning_fms.bench.methods import METHODS, RunOptions, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, normalised_regret, rank_correlation, to_scores
 from lightning_fms.bench.peers import hyperband_brackets, nearest, rung_epochs
 from lightning_fms.bench.pool import Pool
