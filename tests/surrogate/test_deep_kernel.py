@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_fms.surrogate import DeepKernelSurrogate, SurrogateRows
-from lightning_fms.surrogate import deep_kernel as dk
+from lightning_fms.surrogate import DeepKernelSurrogate, SurrogateRows, exact_gp
 
 CAP = 8
 X_DIM = 3
@@ -203,13 +202,13 @@ def test_full_fits_then_refine(monkeypatch, data) -> None:
         x_dim=X_DIM, curve_length=CAP, full_fits=2, full_fit_steps=12, refine_steps=3, device="cpu"
     )
     calls = []
-    original_loss = DeepKernelSurrogate._loss
+    original_loss = DeepKernelSurrogate._negative_mll
 
     def counting_loss(self, *args):
         calls[-1] += 1
         return original_loss(self, *args)
 
-    monkeypatch.setattr(DeepKernelSurrogate, "_loss", counting_loss)
+    monkeypatch.setattr(DeepKernelSurrogate, "_negative_mll", counting_loss)
     for fit in range(4):
         calls.append(0)
         surrogate.fit(train, y, seed=fit)
@@ -241,7 +240,7 @@ def test_recovery_from_a_nan_step(monkeypatch, caplog, data) -> None:
     train, y, test, _ = data
     surrogate = DeepKernelSurrogate(x_dim=X_DIM, curve_length=CAP, full_fits=1, **FAST)
     surrogate.fit(train, y, seed=0)
-    original_loss = DeepKernelSurrogate._loss
+    original_loss = DeepKernelSurrogate._negative_mll
     budget = {"nan": 1}
 
     def flaky_loss(self, *args):
@@ -251,13 +250,13 @@ def test_recovery_from_a_nan_step(monkeypatch, caplog, data) -> None:
             return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(DeepKernelSurrogate, "_loss", flaky_loss)
-    with caplog.at_level(logging.WARNING, logger=dk.__name__):
+    monkeypatch.setattr(DeepKernelSurrogate, "_negative_mll", flaky_loss)
+    with caplog.at_level(logging.WARNING, logger=exact_gp.__name__):
         surrogate.fit(train, y, seed=1)  # a refine fit that fails at once, then a full retry
     assert "numerical failure" in caplog.text
     assert surrogate.num_recoveries == 1 and surrogate.num_prior_fallbacks == 0
     assert (surrogate.num_full_fits, surrogate.num_refine_fits) == (2, 0)
-    assert surrogate._jitter == dk.RECOVERY_JITTER
+    assert surrogate._jitter == exact_gp.RECOVERY_JITTER
     mean, var = surrogate.posterior(test)
     assert not surrogate.answers_with_prior and bool(torch.isfinite(mean).all())
     assert roundtrip(surrogate.state_dict())["counts"]["recoveries"] == 1
@@ -266,16 +265,16 @@ def test_recovery_from_a_nan_step(monkeypatch, caplog, data) -> None:
 def test_recovery_from_a_cholesky_failure(monkeypatch, data) -> None:
     train, y, test, _ = data
     surrogate = DeepKernelSurrogate(x_dim=X_DIM, curve_length=CAP, **FAST)
-    original = dk.psd_safe_cholesky
+    original = exact_gp.psd_safe_cholesky
     state = {"fail": 1}
 
     def failing_cholesky(matrix, *args, **kwargs):
         if state["fail"]:
             state["fail"] -= 1
-            raise dk.NotPSDError("injected: matrix not positive definite")
+            raise exact_gp.NotPSDError("injected: matrix not positive definite")
         return original(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(dk, "psd_safe_cholesky", failing_cholesky)
+    monkeypatch.setattr(exact_gp, "psd_safe_cholesky", failing_cholesky)
     surrogate.fit(train, y, seed=0)
     assert surrogate.num_recoveries == 1 and not surrogate.answers_with_prior
     assert bool(torch.isfinite(surrogate.posterior(test)[0]).all())
@@ -286,8 +285,8 @@ def test_persistent_failure_falls_back_to_the_prior(monkeypatch, data) -> None:
     surrogate = DeepKernelSurrogate(x_dim=X_DIM, curve_length=CAP, full_fits=1, **FAST)
     surrogate.fit(train, y, seed=0)
     before = {k: v.clone() for k, v in surrogate._model.state_dict().items()}
-    original_loss = DeepKernelSurrogate._loss
-    monkeypatch.setattr(DeepKernelSurrogate, "_loss", lambda self, *a: original_loss(self, *a) * float("nan"))
+    original_loss = DeepKernelSurrogate._negative_mll
+    monkeypatch.setattr(DeepKernelSurrogate, "_negative_mll", lambda self, *a: original_loss(self, *a) * float("nan"))
     surrogate.fit(train, y, seed=1)
     assert surrogate.num_recoveries == 1 and surrogate.num_prior_fallbacks == 1 and surrogate.answers_with_prior
     for key, value in surrogate._model.state_dict().items():  # reverted to the parameters before the fit
@@ -295,7 +294,7 @@ def test_persistent_failure_falls_back_to_the_prior(monkeypatch, data) -> None:
     mean, var = surrogate.posterior(test)
     assert torch.allclose(mean, torch.full_like(mean, float(y.double().mean())))
     assert torch.allclose(var, torch.full_like(var, float(y.double().std()) ** 2))
-    monkeypatch.setattr(DeepKernelSurrogate, "_loss", original_loss)
+    monkeypatch.setattr(DeepKernelSurrogate, "_negative_mll", original_loss)
     surrogate.fit(train, y, seed=2)  # after a failure the next fit is a full one, even past full_fits
     assert (surrogate.num_full_fits, surrogate.num_refine_fits) == (2, 0)
     assert not surrogate.answers_with_prior
@@ -396,7 +395,7 @@ def test_a_bug_during_fit_restores_the_previous_state(monkeypatch, data) -> None
     def broken(self, *args):
         raise KeyError("bug")
 
-    monkeypatch.setattr(DeepKernelSurrogate, "_loss", broken)
+    monkeypatch.setattr(DeepKernelSurrogate, "_negative_mll", broken)
     with pytest.raises(KeyError):
         surrogate.fit(train, y, seed=1)
     assert surrogate.num_fits == 1 and surrogate.num_recoveries == 0
