@@ -1,4 +1,12 @@
-"""Surrogates (deep-kernel GP for DyHPO/FMS, plain GP baseline) and the multi-fidelity acquisition."""
+"""Surrogates (deep-kernel GP for DyHPO/FMS, plain GP baseline) and the multi-fidelity acquisition.
+
+* ``_base``: the contract (:class:`SurrogateRows` in, ``(mean, variance)`` out);
+* ``exact_gp``: what both GPs share (standardisation, seeded fits, recovery, exact posterior, state);
+* ``feature_extractor``: the deep kernel's inputs (row packing, curve CNN, weights branch);
+* ``deep_kernel``, ``plain_gp``: the two surrogates; ``acquisition``: expected improvement.
+
+The contract tests every surrogate passes ship in :mod:`lightning_fms.testing.surrogates`.
+"""
 
 from __future__ import annotations
 

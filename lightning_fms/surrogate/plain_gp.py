@@ -9,23 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.surrogate.deep_kernel import ExactGPSurrogateBase
-
-
-class _PlainGP(gpytorch.models.ExactGP):
-    """``ConstantMean`` + ``ScaleKernel(Matern 5/2 with one lengthscale per input)``."""
-
-    def __init__(
-        self, train_inputs: Tensor, train_targets: Tensor, likelihood: gpytorch.likelihoods.GaussianLikelihood
-    ) -> None:
-        super().__init__(train_inputs, train_targets, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        dims = int(train_inputs.shape[-1])
-        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=dims))
-
-    def forward(self, inputs: Tensor) -> gpytorch.distributions.MultivariateNormal:
-        """Prior over inputs ``[N, D + 1]``."""
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase
 
 
 class PlainGPSurrogate(ExactGPSurrogateBase):
@@ -34,7 +18,7 @@ class PlainGPSurrogate(ExactGPSurrogateBase):
     Targets are standardised inside and the posterior is mapped back; ``posterior`` returns the latent
     variance (no observation noise). Determinism, failure recovery (revert, retry with a larger
     Cholesky jitter, else the prior) and the state format follow
-    :class:`~lightning_fms.surrogate.deep_kernel.ExactGPSurrogateBase`.
+    :class:`~lightning_fms.surrogate.exact_gp.ExactGPSurrogateBase`.
 
     Args:
         x_dim: Number of encoded hyperparameters ``D``.
@@ -58,37 +42,24 @@ class PlainGPSurrogate(ExactGPSurrogateBase):
         learning_rate: float = 0.1,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        super().__init__(device=device, dtype=dtype)
-        if x_dim < 0:
-            raise ValueError(f"x_dim must be >= 0, got {x_dim}")
-        self.x_dim = int(x_dim)
-        self.curve_length = int(curve_length)
+        super().__init__(x_dim=x_dim, curve_length=curve_length, device=device, dtype=dtype)
         self.steps = int(steps)
         self.learning_rate = float(learning_rate)
 
     def _config(self) -> dict[str, Any]:
         return {"x_dim": self.x_dim, "dtype": str(self.dtype)}
 
-    def _validate(self, rows: SurrogateRows) -> None:
-        self._check_rows(rows, self.x_dim)
-
-    def _build_model(self, train_inputs: Tensor, train_targets: Tensor) -> gpytorch.models.ExactGP:
+    def _build_model(self, train_inputs: Tensor, train_targets: Tensor) -> ExactGPModel:
         likelihood = gpytorch.likelihoods.GaussianLikelihood()
-        return _PlainGP(train_inputs, train_targets, likelihood).to(self.device, self.dtype)
+        base_kernel = gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=int(train_inputs.shape[-1]))
+        return ExactGPModel(train_inputs, train_targets, likelihood, base_kernel).to(self.device, self.dtype)
 
     def _inputs(self, rows: SurrogateRows, mu: float, std: float) -> Tensor:
+        """``[x, budget]`` as ``[N, D + 1]``."""
         return torch.cat([rows.x.to(self.device, self.dtype), rows.budget.to(self.device, self.dtype)[:, None]], -1)
-
-    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Negative exact marginal log-likelihood (per row) of one training step."""
-        model = self._model
-        assert model is not None
-        return -self._mll(model(inputs), targets)
 
     def _train(self, rows: SurrogateRows, targets: Tensor, mu: float, std: float, full: bool) -> Tensor:
         inputs = self._inputs(rows, mu, std)
-        self._model = model = self._build_model(inputs, targets)
-        model.train()
-        self._mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-        self._optimise(list(model.parameters()), lambda: self._loss(inputs, targets), self.steps, self.learning_rate)
+        self._model = self._build_model(inputs, targets)
+        self._maximise_likelihood(lambda: inputs, targets, self.steps, self.learning_rate)
         return inputs
