@@ -15,7 +15,7 @@ from lightning_fms.weights import (
     NodeType,
     ParameterGraph,
 )
-from lightning_fms.weights.graph import kernel_to_grid
+from lightning_fms.weights.specs import kernel_to_grid
 
 from ._models import DataDependent, TinyResNet, TransformerBlock, cnn, mlp
 
