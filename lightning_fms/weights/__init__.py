@@ -14,21 +14,19 @@
 from lightning_fms.weights.base import Featurizer
 from lightning_fms.weights.flat import FlatFeaturizer
 from lightning_fms.weights.gmn import GMNFeaturizer
-from lightning_fms.weights.graph import (
-    EDGE_STATIC_FEATURES,
-    NODE_STATIC_FEATURES,
-    NODE_VALUE_FEATURES,
-    TOPOLOGY_CACHE,
-    EdgeType,
-    GraphTopology,
-    NodeType,
-    ParameterGraph,
-    architecture_signature,
-)
+from lightning_fms.weights.graph import TOPOLOGY_CACHE, ParameterGraph, architecture_signature
 from lightning_fms.weights.nfn import NFNFeaturizer
 from lightning_fms.weights.permutation import permute_hidden_units
 from lightning_fms.weights.registry import FEATURIZERS, build_featurizer
+from lightning_fms.weights.schema import (
+    EDGE_STATIC_FEATURES,
+    NODE_STATIC_FEATURES,
+    NODE_VALUE_FEATURES,
+    EdgeType,
+    NodeType,
+)
 from lightning_fms.weights.stats import StatsFeaturizer
+from lightning_fms.weights.topology import GraphTopology
 
 __all__ = [
     "EDGE_STATIC_FEATURES",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from lightning_fms.weights.graph import GraphTopology
+from lightning_fms.weights.topology import GraphTopology
 
 #: Merged edge groups with at least this many edges become dense blocks.
 DENSE_MIN_EDGES = 1024

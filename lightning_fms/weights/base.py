@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_fms.errors import FMSError
 
 if TYPE_CHECKING:
-    from lightning_fms.weights.graph import GraphTopology
+    from lightning_fms.weights.topology import GraphTopology
 
 #: Values of ``trainable`` for the featurizers split into a trunk and a readout (GMN, NFN, FLAT).
 TRAINABLE = ("all", "readout", "auto")
@@ -188,7 +188,8 @@ def topology_quietly(module: nn.Module) -> GraphTopology:
     featurizers; a featurizer that reads the topology for something else gives its own warning instead. Other
     warnings raised meanwhile are passed on.
     """
-    from lightning_fms.weights.graph import TOPOLOGY_CACHE, GraphOptions
+    from lightning_fms.weights.graph import TOPOLOGY_CACHE
+    from lightning_fms.weights.schema import GraphOptions
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -46,17 +46,9 @@ from torch_geometric.utils import scatter, segment
 from lightning_fms.errors import FMSError
 from lightning_fms.weights._batch import StaticBatch, static_batch
 from lightning_fms.weights.base import ByteLRU, Featurizer, TrunkCache, check_trainable
-from lightning_fms.weights.graph import (
-    GF,
-    NODE_VALUE_FEATURES,
-    NS,
-    NUM_EDGE_TYPES,
-    NUM_NODE_TYPES,
-    TOPOLOGY_CACHE,
-    GraphOptions,
-    GraphTopology,
-    module_tensors,
-)
+from lightning_fms.weights.graph import TOPOLOGY_CACHE
+from lightning_fms.weights.schema import GF, NODE_VALUE_FEATURES, NS, NUM_EDGE_TYPES, NUM_NODE_TYPES, GraphOptions
+from lightning_fms.weights.topology import GraphTopology, module_tensors
 
 _NODE_SCALARS = ("has_bias", "has_affine", "has_running", "has_stats", "log_numel")
 _GROUP_SCALARS = ("depth", "rel_depth", "kernel_h", "kernel_w", "stride", "log_fan_in")

@@ -54,8 +54,10 @@ from lightning_fms.weights.base import (
     tensor_to_signatures,
     topology_quietly,
 )
-from lightning_fms.weights.graph import GraphTopology, NodeType, architecture_signature, module_tensors
+from lightning_fms.weights.graph import architecture_signature
+from lightning_fms.weights.schema import NodeType
 from lightning_fms.weights.stats import StatsFeaturizer
+from lightning_fms.weights.topology import GraphTopology, module_tensors
 
 SpecKey = tuple[Any, ...]
 Shapes = list[tuple[int, ...]]

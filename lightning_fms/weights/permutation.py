@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fms.errors import FMSError
-from lightning_fms.weights.graph import TOPOLOGY_CACHE, GraphOptions, NodeType, SymmetryInfo
+from lightning_fms.weights.graph import TOPOLOGY_CACHE
+from lightning_fms.weights.schema import GraphOptions, NodeType
+from lightning_fms.weights.topology import SymmetryInfo
 
 T = TypeVar("T", nn.Module, Mapping[str, Tensor])
 

@@ -1,23 +1,21 @@
+"""ParameterGraph: feature layout, values, the topology cache (one build and one warning per architecture)."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
-from torch import nn
 
+from lightning_fms.testing.networks import DataDependentNet, TinyResidualNet, tiny_mlp
 from lightning_fms.weights import (
     EDGE_STATIC_FEATURES,
     NODE_STATIC_FEATURES,
     NODE_VALUE_FEATURES,
     TOPOLOGY_CACHE,
     EdgeType,
-    NodeType,
     ParameterGraph,
 )
-from lightning_fms.weights.graph import kernel_to_grid
-
-from ._models import DataDependent, TinyResNet, TransformerBlock, cnn, mlp
 
 K = 9  # default 3x3 kernel grid
 CENTRE = 4
@@ -25,16 +23,12 @@ NT = NODE_STATIC_FEATURES.index("type")
 ET = K + EDGE_STATIC_FEATURES.index("type")
 
 
-def node_types(g: ParameterGraph) -> list[int]:
-    return g.node_attr[:, NT].long().tolist()
-
-
 def edge_types(g: ParameterGraph) -> list[int]:
     return g.edge_attr[:, ET].long().tolist()
 
 
 def test_mlp_counts_and_values() -> None:
-    m = mlp((3, 4, 2))
+    m = tiny_mlp((3, 4, 2))
     g = ParameterGraph.from_module(m)
     # nodes: 3 inputs + 4 hidden + 2 outputs; edges: 3*4 + 4*2 weights
     assert (g.num_nodes, g.num_edges) == (9, 20)
@@ -53,54 +47,12 @@ def test_mlp_counts_and_values() -> None:
     assert set(edge_types(g)) == {EdgeType.LINEAR}
 
 
-def test_cnn_counts_and_kernels() -> None:
-    m = cnn(2, 3)  # Conv2d(1, 2, 3) -> Conv2d(2, 3, 3) -> pool -> flatten -> Linear(3, 2)
-    g = ParameterGraph.from_module(m)
-    # nodes: 1 input channel + 2 + 3 channels + 2 outputs; edges: one per channel pair 1*2 + 2*3 + 3*2
-    assert (g.num_nodes, g.num_edges) == (8, 14)
-    kernels = m[0].weight.detach().reshape(2, 9)
-    assert torch.equal(g.edge_attr[:2, :K], kernels)
-    assert edge_types(g) == [EdgeType.CONV] * 8 + [EdgeType.LINEAR] * 6
-    assert g.edge_attr[0, K + EDGE_STATIC_FEATURES.index("kernel_h")] == 3
-
-
-def test_conv_bn_and_resnet_counts() -> None:
-    g = ParameterGraph.from_module(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
-    # 3 + 4 conv channels + 4 BN channels; 12 channel pairs + 4 identity edges
-    assert (g.num_nodes, g.num_edges) == (11, 16)
-    r = ParameterGraph.from_module(TinyResNet(c=4, hidden=5, classes=3))
-    # nodes: in 3, stem 4, bn 4, conv1 5, bn1 5, conv2 4, bn2 4, residual sum 4, fc 3
-    # edges: stem 12, bn 4, conv1 20, bn1 5, conv2 20, bn2 4, residual 4 + 4, fc 12
-    assert (r.num_nodes, r.num_edges) == (36, 85)
-    assert edge_types(r).count(EdgeType.RESIDUAL) == 8
-    assert node_types(r).count(NodeType.ADD) == 4
-
-
-def test_transformer_graph() -> None:
-    g = ParameterGraph.from_module(TransformerBlock(d=8, heads=2, ff=12))
-    t = node_types(g)
-    for kind in (NodeType.ATTN_Q, NodeType.ATTN_K, NodeType.ATTN_V, NodeType.ATTN_OUT, NodeType.EMBEDDING):
-        assert t.count(kind) == 8
-    assert t.count(NodeType.ATTN_HEAD) == 2
-    assert t.count(NodeType.PARAM_OP) == 8  # positional embedding
-    assert (g.num_nodes, g.num_edges) == (104, 552)
-    head = g.edge_attr[:, K + EDGE_STATIC_FEATURES.index("head")]
-    q_edges = torch.tensor(edge_types(g)) == EdgeType.ATTN_Q
-    assert sorted(set(head[q_edges].tolist())) == [0, 1]
-    # embedding columns become node statistics of the embedding nodes
-    model = TransformerBlock(d=8, heads=2, ff=12)
-    g2 = ParameterGraph.from_module(model)
-    emb = torch.tensor(node_types(g2)) == NodeType.EMBEDDING
-    mean_col = len(NODE_STATIC_FEATURES) + NODE_VALUE_FEATURES.index("mean")
-    assert torch.allclose(g2.node_attr[emb, mean_col], model.emb.weight.detach().mean(0))
-
-
 def test_untraceable_module_falls_back_with_one_warning() -> None:
     TOPOLOGY_CACHE.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        g = ParameterGraph.from_module(DataDependent())
-        g2 = ParameterGraph.from_module(DataDependent())
+        g = ParameterGraph.from_module(DataDependentNet())
+        g2 = ParameterGraph.from_module(DataDependentNet())
     assert g.fallback and g2.fallback
     assert len(caught) == 1 and "statistics" in str(caught[0].message)
     assert g.num_nodes == 4  # one node per tensor, chained
@@ -108,17 +60,9 @@ def test_untraceable_module_falls_back_with_one_warning() -> None:
     assert g.topology.fallback_reason and "control flow" in g.topology.fallback_reason
 
 
-def test_unsupported_layer_falls_back() -> None:
-    TOPOLOGY_CACHE.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        g = ParameterGraph.from_module(nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 4)))
-    assert g.fallback and len(caught) == 1 and "GRU" in str(caught[0].message)
-
-
 def test_topology_cache_hit_for_second_checkpoint() -> None:
     TOPOLOGY_CACHE.clear()
-    a, b = TinyResNet(), TinyResNet()
+    a, b = TinyResidualNet(), TinyResidualNet()
     ga = ParameterGraph.from_module(a)
     gb = ParameterGraph.from_module(b)
     assert TOPOLOGY_CACHE.misses == 1 and TOPOLOGY_CACHE.hits == 1
@@ -133,56 +77,8 @@ def test_topology_cache_hit_for_second_checkpoint() -> None:
     assert torch.equal(gb.edge_values[12:], before[12:])
 
 
-def test_kernel_grid() -> None:
-    one = kernel_to_grid(torch.ones(2, 1, 1), (3, 3))
-    assert one[:, CENTRE].tolist() == [1, 1] and one.sum() == 2
-    big = kernel_to_grid(torch.arange(25.0).reshape(1, 5, 5), (3, 3))
-    assert big.shape == (1, 9)
-    line = kernel_to_grid(torch.ones(1, 3), (3, 3))  # 1-d kernel of 3 taps: middle row
-    assert line[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
-
-
-def test_user_written_layers_are_traced() -> None:
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(5, 3))
-            self.b = nn.Parameter(torch.randn(5))
-            self.scale = nn.Parameter(torch.ones(5))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.nn.functional.linear(x, self.w, self.b)
-            return (h * self.scale).relu()
-
-    g = ParameterGraph.from_module(Functional())
-    assert not g.fallback
-    assert (g.num_nodes, g.num_edges) == (3 + 5 + 5, 15 + 5)
-
-
 @pytest.mark.parametrize("shape", [(2, 3), (1, 4)])
 def test_to_data(shape: tuple[int, int]) -> None:
-    g = ParameterGraph.from_module(mlp(shape))
+    g = ParameterGraph.from_module(tiny_mlp(shape))
     data = g.to_data()
     assert data.num_nodes == g.num_nodes and data.edge_attr.shape[0] == g.num_edges
-
-
-def test_lightning_module_and_forward_defaults() -> None:
-    import lightning as L
-
-    class Classifier(L.LightningModule):
-        def __init__(self, lr: float = 1e-3) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.net = mlp((8, 16, 3))
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, features: bool = False) -> torch.Tensor:
-            h = self.net[1](self.net[0](x))
-            if mask is not None:
-                h = h * mask
-            if features:
-                return h
-            return self.net[2](h)
-
-    a, b = ParameterGraph.from_module(Classifier()), ParameterGraph.from_module(Classifier(lr=0.1))
-    assert not a.fallback and a.topology is b.topology  # hyperparameters do not change the architecture
-    assert (a.num_nodes, a.num_edges) == (8 + 16 + 3, 8 * 16 + 16 * 3)

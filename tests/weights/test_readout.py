@@ -11,9 +11,8 @@ from torch import nn
 
 from lightning_fms.errors import FMSError
 from lightning_fms.surrogate import DeepKernelSurrogate, SurrogateRows
+from lightning_fms.testing.networks import TinyResidualNet, randomize_batchnorm, tiny_cnn, tiny_mlp
 from lightning_fms.weights import Featurizer, StatsFeaturizer, build_featurizer
-
-from ._models import TinyResNet, cnn, mlp, randomize_bn
 
 NAMES = ["nfn", "flat"]
 CAP = 4
@@ -29,7 +28,13 @@ def _quiet_fallback() -> Iterator[None]:
 def checkpoints(seed: int = 0) -> tuple[list[nn.Module], list[tuple[str, int]]]:
     """Two MLP widths, a CNN and a ResNet (NFN: two functionals and a statistics fallback; FLAT: four MLPs)."""
     torch.manual_seed(seed)
-    modules = [mlp((3, 6, 5, 2)), mlp((3, 6, 5, 2)), mlp((3, 9, 4, 2)), cnn(4, 5), randomize_bn(TinyResNet()).eval()]
+    modules = [
+        tiny_mlp((3, 6, 5, 2)),
+        tiny_mlp((3, 6, 5, 2)),
+        tiny_mlp((3, 9, 4, 2)),
+        tiny_cnn(4, 5),
+        randomize_batchnorm(TinyResidualNet()).eval(),
+    ]
     return modules, [("trial", i) for i in range(len(modules))]
 
 
@@ -219,7 +224,7 @@ def test_same_seed_same_embedding(name: str) -> None:
 
 
 def test_nfn_fallback_in_both_modes() -> None:
-    m = randomize_bn(TinyResNet(), seed=1)
+    m = randomize_batchnorm(TinyResidualNet(), seed=1)
     for trainable in ("all", "readout"):
         f = make("nfn", trainable=trainable)
         out = f([m], [("hub", "resnet")])

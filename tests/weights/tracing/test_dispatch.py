@@ -1,0 +1,134 @@
+"""The handler tables of fx call_function / call_method / call_module nodes, through real traces."""
+
+from __future__ import annotations
+
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_fms.weights import TOPOLOGY_CACHE, ParameterGraph
+from lightning_fms.weights.tracing import build_topology
+from lightning_fms.weights.tracing.functions import FUNCTION_HANDLERS
+from lightning_fms.weights.tracing.methods import METHOD_HANDLERS
+from lightning_fms.weights.tracing.modules import MODULE_HANDLERS
+from lightning_fms.weights.tracing.ops import (
+    BINARY_FUNCTIONS,
+    BINARY_METHODS,
+    CREATE_FUNCTIONS,
+    REDUCE_FUNCTIONS,
+    REDUCE_METHODS,
+    UNARY_FUNCTIONS,
+    UNARY_METHODS,
+)
+
+
+class Residual(nn.Module):
+    """``h + relu(fc(h))`` written with the operator, ``torch.add`` or the method, per ``style``."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.inp = nn.Linear(3, 5)
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        r = torch.relu(self.fc(h))
+        h = {"operator": lambda: h + r, "function": lambda: torch.add(h, r), "method": lambda: h.add(r)}[self.style]()
+        return self.out(h)
+
+
+class Calls(nn.Module):
+    """One call ``op`` applied to a hidden activation."""
+
+    def __init__(self, op) -> None:  # noqa: ANN001
+        super().__init__()
+        self.op = op
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.op(self.a(x)))
+
+
+def drop_path(x: torch.Tensor) -> torch.Tensor:
+    """Stands in for timm's stochastic depth (recognised by name)."""
+    return x
+
+
+def chunk_and_cat(h: torch.Tensor) -> torch.Tensor:
+    a, b = torch.chunk(h, 2, dim=-1)
+    return torch.cat([b, a], dim=-1)
+
+
+def graph(module: nn.Module) -> ParameterGraph:
+    TOPOLOGY_CACHE.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ParameterGraph.from_module(module)
+
+
+def test_tables_cover_the_catalogue() -> None:
+    for fn in (*BINARY_FUNCTIONS, *UNARY_FUNCTIONS, *REDUCE_FUNCTIONS, *CREATE_FUNCTIONS, operator.getitem, getattr):
+        assert fn in FUNCTION_HANDLERS
+    for name in (*BINARY_METHODS, *UNARY_METHODS, *REDUCE_METHODS, "view", "reshape", "permute", "split", "chunk"):
+        assert name in METHOD_HANDLERS
+    assert all(callable(k) for k in FUNCTION_HANDLERS) and all(isinstance(k, str) for k in METHOD_HANDLERS)
+
+
+@pytest.mark.parametrize("style", ["function", "method"])
+def test_operator_function_and_method_spellings_build_one_graph(style: str) -> None:
+    reference = graph(Residual("operator"))
+    other = graph(Residual(style))
+    assert not reference.fallback and reference.num_nodes == 3 + 5 + 5 + 5 + 2  # inputs, inp, fc, the sum, out
+    for name in ("edge_index", "edge_group", "group_attr", "node_static"):
+        assert torch.equal(getattr(reference.topology, name), getattr(other.topology, name)), name
+
+
+@pytest.mark.parametrize(
+    "op,reason",
+    [
+        (lambda h: torch.cumsum(h, 1), "unsupported function cumsum"),
+        (lambda h: h.cumsum(1), "unsupported method .cumsum()"),
+        (lambda h: h**h, "power with an activation exponent"),
+        (lambda h: h @ h.transpose(0, 1), "matrix product of activations"),
+    ],
+    ids=["function", "method", "power", "matmul"],
+)
+def test_calls_without_semantics_on_neurons_fall_back(op, reason: str) -> None:  # noqa: ANN001
+    g = graph(Calls(op))
+    assert g.fallback and g.topology.fallback_reason.startswith(reason)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        drop_path,  # by name
+        lambda h: F.dropout(h, 0.1) * 2.0,
+        lambda h: h.clamp(min=0).contiguous(),
+        lambda h: h - h.mean(-1, keepdim=True),
+        lambda h: h.reshape(h.size(0), -1),
+        chunk_and_cat,
+    ],
+    ids=["drop_path", "dropout", "methods", "centred", "reshape", "chunk-cat"],
+)
+def test_calls_that_keep_the_neurons_trace(op) -> None:  # noqa: ANN001
+    g = graph(Calls(op))
+    assert not g.fallback
+    assert g.num_edges >= 4 * 6 + 6 * 2  # both layers' weights are edges
+
+
+def test_module_table_dispatches_subclasses_in_order() -> None:
+    classes = [cls for cls, _ in MODULE_HANDLERS]
+    assert classes.index(nn.TransformerEncoderLayer) < classes.index(nn.TransformerEncoder)
+    # torch's own Linear subclass (attention's out_proj) is a linear layer
+    proj = nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)
+    topo = build_topology(proj, graph(nn.Linear(3, 4)).topology.options, "sig")
+    assert not topo.fallback and (topo.num_nodes, topo.num_edges) == (3 + 4, 12)
+    gru = build_topology(nn.GRU(3, 3), topo.options, "sig")
+    assert gru.fallback and gru.fallback_reason == "unsupported layer GRU"
