@@ -41,9 +41,9 @@ from lightning_fms.search.trial import config_key
 from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
 from lightning_fms.threads import torch_threads
 from lightning_fms.training.callback import FMSCheckpointCallback
-from lightning_fms.training.executor import InProcessExecutor, _divergence
+from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.quiet import quiet_lightning
-from lightning_fms.training.seeder import TrialSeeder
+from lightning_fms.training.trainer import divergence, initial_seed, trainer_for
 from lightning_fms.zoo.build import default_cache_dir
 
 
@@ -220,7 +220,7 @@ class _EpochRecorder(Callback):
         elif report.error is not None and self.checkpoint.monitor not in report.available_metrics:
             raise FMSError(report.error)
         else:
-            error = report.error or _divergence(trainer, pl_module)
+            error = report.error or divergence(trainer, pl_module)
         if error is not None:
             self.failed_epoch, self.error = epoch, error
             trainer.should_stop = True
@@ -265,8 +265,8 @@ def _train_config(
     """Train configuration ``index`` for ``task.epochs`` epochs in one fit and write its two files.
 
     The configuration is trained as trial ``index`` of a study with seed ``task.pool_seed``: the same
-    initialisation seed, the same :class:`~lightning_fms.search.seeds.TrialSeeder`, the same Trainer settings,
-    so epoch ``k`` equals what the tuner's executor records for that trial.
+    initialisation seed and the same Trainer (:func:`~lightning_fms.training.trainer.trainer_for`) as under the
+    tuner's executor, so epoch ``k`` equals what it records for that trial.
 
     Returns:
         The record written to ``configs/<index>.json``.
@@ -274,23 +274,21 @@ def _train_config(
     start = time.perf_counter()
     seed = task.pool_seed
     epochs = task.epochs
-    module, datamodule = executor.build(config, seed=derive_seed(seed, "init", index))
+    trial = executor.build_trial(config, seed=initial_seed(seed, index))
     checkpoint = FMSCheckpointCallback(monitor=executor.monitor, weights_attribute=executor.weights_attribute)
     recorder = _EpochRecorder(checkpoint, test_metric)
     with quiet_lightning():
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            callbacks=[TrialSeeder(derive_seed(seed, "trial", index)), checkpoint, recorder],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            check_val_every_n_epoch=1,
-            **executor.trainer_options,
+        trainer = trainer_for(
+            trial.module,
+            epochs=epochs,
+            seed=seed,
+            trial_id=index,
+            checkpoint=checkpoint,
+            callbacks=[recorder],
+            options=trial.trainer_options,
         )
         try:
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(trial.module, datamodule=trial.datamodule)
         except (KeyboardInterrupt, FMSError):
             raise
         except Exception as error:  # the configuration fails here, as a trial would under the tuner
@@ -528,7 +526,7 @@ def build_pool(
         return _pool_from_data(task, folder, stored, hub)
     executor = task.build_executor(hub)
     test_metric = task.test_metric_fn()
-    configs = sample_configs(executor.space, task.pool_size, task.pool_seed)
+    configs = sample_configs(task.build_space(hub), task.pool_size, task.pool_seed)
     (folder / CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     settings = {
         "name": task.name,

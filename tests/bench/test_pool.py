@@ -80,7 +80,6 @@ def test_values_and_weights_equal_what_the_tuner_executor_records(built, tmp_pat
     task, pool, _ = built
     index = 1
     executor = task.build_executor()
-    executor.record_weights = True
     stored = load_file(str(Path(pool.meta["folder"]) / "configs" / f"{index:04d}.safetensors"))
     for epoch in range(1, EPOCHS + 1):
         outcome = executor.run_epoch(
@@ -92,6 +91,7 @@ def test_values_and_weights_equal_what_the_tuner_executor_records(built, tmp_pat
                 checkpoint_out=tmp_path / f"{epoch}.ckpt",
                 log_dir=tmp_path,
                 seed=task.pool_seed,
+                record_weights=True,
             )
         )
         assert outcome.error is None
