@@ -36,7 +36,8 @@ import yaml
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.training.executor import InProcessExecutor, accepts_argument
+from lightning_fms.training.in_process import InProcessExecutor
+from lightning_fms.training.trial_builder import accepts_argument
 
 RECIPE_KEYS = {
     "hub",
@@ -219,7 +220,7 @@ class Recipe:
         return SearchSpace.from_dict(self.space_spec, hub_entries=hub.names if hub is not None else None)
 
     def build_executor(self, hub: ModelHub | None, space: SearchSpace, cap: int) -> InProcessExecutor:
-        """The :class:`~lightning_fms.training.executor.InProcessExecutor` that trains this recipe's trials.
+        """The :class:`~lightning_fms.training.in_process.InProcessExecutor` that trains this recipe's trials.
 
         Args:
             hub: The recipe's hub (:meth:`load_hub`).
@@ -232,7 +233,7 @@ class Recipe:
         module_cls = self.model.resolve("model")
         data_cls = self.data.resolve("data")
         _check_space_targets(space, module_cls, data_cls, self.hub_argument)
-        return InProcessExecutor(
+        return InProcessExecutor.from_factories(
             module_cls,
             data_cls,
             space,
@@ -260,9 +261,8 @@ class Recipe:
         executor = self.build_executor(hub, space, self.max_epochs_per_trial)
         tuner_options = {k: v for k, v in self.tuner.items() if k != "weights_attribute"}  # in the executor
         return FMSTuner(
-            executor.module_factory,
-            executor.datamodule_factory,
-            space,
+            executor=executor,
+            space=space,
             study_dir=study_dir,
             budget=self.budget,
             monitor=self.monitor,
@@ -271,7 +271,6 @@ class Recipe:
             max_epochs_per_trial=self.max_epochs_per_trial,
             seed=self.seed,
             progress=progress,
-            executor=executor,
             **tuner_options,
         )
 

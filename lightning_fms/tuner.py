@@ -41,7 +41,8 @@ from lightning_fms.search.trial import TrialStatus
 from lightning_fms.study.directory import StudyDirectory, file_sha256
 from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
 from lightning_fms.study.snapshots import WeightSnapshots
-from lightning_fms.training.executor import EpochJob, InProcessExecutor
+from lightning_fms.training.executor import EpochJob, Executor
+from lightning_fms.training.in_process import InProcessExecutor
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,23 @@ class TuneResult:
 class FMSTuner:
     """Freeze-thaw hyperparameter and hub-entry search over Lightning fine-tuning runs.
 
+    The epochs run in an :class:`~lightning_fms.training.executor.Executor`: give one as ``executor=`` (for
+    example an :class:`~lightning_fms.training.in_process.InProcessExecutor` of trials built by a
+    LightningCLI), or give a module factory and a datamodule factory, from which the tuner builds the
+    in-process executor itself (``FMSTuner(MyModule, MyData, space, ...)``).
+
     Args:
         module_factory: Builds the LightningModule; receives the pretrained hub module as
             ``hub_argument``, the trial's cap as ``epochs_argument`` (if it accepts it) and the space's
-            ``model.*`` values.
-        datamodule_factory: Builds the LightningDataModule from the space's ``data.*`` values.
+            ``model.*`` values. Only without ``executor``.
+        datamodule_factory: Builds the LightningDataModule from the space's ``data.*`` values. Only without
+            ``executor``.
         space: The search space.
         study_dir: Where the study lives (created if missing; resumed if it holds a study).
         budget: Total epochs to train over all trials.
         monitor: Metric to optimise (logged by the module at validation).
         mode: ``"max"`` or ``"min"``.
-        hub: The model hub (needed when the space has a hub choice).
+        hub: The model hub (needed when the space has a hub choice; its families label the reports).
         max_epochs_per_trial: Per-trial epoch cap (and LR-schedule horizon).
         seed: Seeds every decision and every trial.
         searcher: ``"dyhpo"`` (deep-kernel GP), ``"gp"`` (plain GP) or ``"random"``.
@@ -104,12 +111,13 @@ class FMSTuner:
         num_fresh_candidates: Fresh configurations scored per decision.
         num_startup_trials: Random configurations started before the searcher is consulted.
         max_paused_trials: Bound on paused trials (their checkpoints); ``None``: unbounded.
-        hub_argument: Module argument receiving the pretrained hub module.
-        epochs_argument: Module argument receiving the per-trial cap.
-        weights_attribute: Submodule whose weights feed the featurizer (default: ``hub_argument``).
-        module_options: Fixed module arguments.
-        datamodule_options: Fixed datamodule arguments.
-        trainer_options: Extra ``Trainer`` arguments.
+        hub_argument: Module argument receiving the pretrained hub module (only without ``executor``).
+        epochs_argument: Module argument receiving the per-trial cap (only without ``executor``).
+        weights_attribute: Submodule whose weights feed the featurizer (default: ``hub_argument``; only
+            without ``executor``).
+        module_options: Fixed module arguments (only without ``executor``).
+        datamodule_options: Fixed datamodule arguments (only without ``executor``).
+        trainer_options: Extra ``Trainer`` arguments (only without ``executor``).
         surrogate_options: Extra surrogate arguments.
         featurizer_options: Extra featurizer arguments.
         progress: Show a live progress display.
@@ -118,15 +126,18 @@ class FMSTuner:
             (off, the default), ``True`` (trainable fractions 0.25, 0.5, 1) or a list of fractions in
             ``(0, 1]``. Each decision then also picks how many layer units an epoch trains, and the
             budget counts full-epoch equivalents at the cost model of each level.
-        executor: Runs the epochs (e.g. trials built by a LightningCLI); default: an
-            :class:`~lightning_fms.training.executor.InProcessExecutor` of the factories and options above.
+        executor: Runs the epochs; default: an
+            :class:`~lightning_fms.training.in_process.InProcessExecutor` of the factories and options above.
+
+    Raises:
+        FMSError: neither an executor nor both factories, or both; executor options next to an executor.
     """
 
     def __init__(
         self,
-        module_factory: Callable[..., pl.LightningModule],
-        datamodule_factory: Callable[..., pl.LightningDataModule],
-        space: SearchSpace,
+        module_factory: Callable[..., pl.LightningModule] | None = None,
+        datamodule_factory: Callable[..., pl.LightningDataModule] | None = None,
+        space: SearchSpace | None = None,
         *,
         study_dir: str | os.PathLike[str],
         budget: int,
@@ -153,10 +164,12 @@ class FMSTuner:
         progress: bool = True,
         observers: Sequence[StudyObserver] = (),
         frozen_layers: bool | Sequence[float] | None = None,
-        executor: InProcessExecutor | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise FMSError("monitor must name a logged metric")
+        if not isinstance(space, SearchSpace):
+            raise FMSError("FMSTuner needs a search space (space=SearchSpace...)")
         fractions = check_fractions(frozen_layers)
         self.space = space
         self.hub = hub
@@ -164,20 +177,38 @@ class FMSTuner:
         self.seed = int(seed)
         self.progress = progress
         self.observers = list(observers)
-        self.executor = executor or InProcessExecutor(
-            module_factory,
-            datamodule_factory,
-            space,
-            hub,
-            monitor=monitor,
-            cap=max_epochs_per_trial,
-            hub_argument=hub_argument,
-            epochs_argument=epochs_argument,
-            weights_attribute=weights_attribute,
-            module_options=module_options,
-            datamodule_options=datamodule_options,
-            trainer_options=trainer_options,
-        )
+        if executor is not None:
+            given = {
+                "module_factory": module_factory,
+                "datamodule_factory": datamodule_factory,
+                "weights_attribute": weights_attribute,
+                "module_options": module_options,
+                "datamodule_options": datamodule_options,
+                "trainer_options": trainer_options,
+                "hub_argument": None if hub_argument == "net" else hub_argument,
+                "epochs_argument": None if epochs_argument == "max_epochs" else epochs_argument,
+            }
+            clash = [name for name, value in given.items() if value is not None]
+            if clash:
+                raise FMSError(f"{', '.join(clash)} configure the default executor and cannot be given with executor=")
+            self.executor: Executor = executor
+        elif module_factory is None or datamodule_factory is None:
+            raise FMSError("FMSTuner needs an executor= or a module factory and a datamodule factory")
+        else:
+            self.executor = InProcessExecutor.from_factories(
+                module_factory,
+                datamodule_factory,
+                space,
+                hub,
+                monitor=monitor,
+                cap=max_epochs_per_trial,
+                hub_argument=hub_argument,
+                epochs_argument=epochs_argument,
+                weights_attribute=weights_attribute,
+                module_options=module_options,
+                datamodule_options=datamodule_options,
+                trainer_options=trainer_options,
+            )
         with torch.random.fork_rng(devices=[]):
             # the surrogate's and featurizer's initial parameters depend on the seed only
             seed_everything_quietly(derive_seed(seed, "searcher"))
@@ -195,7 +226,6 @@ class FMSTuner:
             if isinstance(search, SurrogateSearcher) and search.uses_weights:
                 self._check_featurizer(search, weights)
             self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
-        self.executor.record_weights = search.uses_weights
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
         self.optimizer = FreezeThawOptimizer(
             space,
@@ -313,6 +343,7 @@ class FMSTuner:
             log_dir=self.study.trial_dir(trial_id),
             seed=self.seed,
             trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
+            record_weights=self.snapshots is not None,
         )
         try:
             outcome = self.executor.run_epoch(job)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_fms.testing import tiny_hub
@@ -49,3 +53,37 @@ def recipe_dict(hub_file: Path, **overrides) -> dict:
 def write_recipe(path: Path, hub_file: Path, **overrides) -> Path:
     path.write_text(yaml.safe_dump(recipe_dict(hub_file, **overrides)))
     return path
+
+
+CLI_RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "cli"
+
+
+def _cli_recipe_weights(hub, tmp_path_factory) -> Path:
+    """The CLI recipe's weights files, made once per session from the session's tiny hub."""
+    out = tmp_path_factory.getbasetemp() / "cli-weights"
+    if not (out / "resnet-xs.safetensors").exists():
+        spec = importlib.util.spec_from_file_location("recipe_digits", CLI_RECIPE_DIR / "digits.py")
+        digits = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(digits)
+        digits.make_weights(out, hub_dir=Path(hub.entry(hub.names[0]).weights).parent)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_dir(hub, tmp_path_factory):
+    """A copy of recipes/cli with its weights files."""
+    directory = tmp_path_factory.mktemp("cli")
+    for name in ("train.py", "digits.py", "cfg.yaml", "space.yaml", "sweep.yaml"):
+        shutil.copy(CLI_RECIPE_DIR / name, directory / name)
+    shutil.copytree(_cli_recipe_weights(hub, tmp_path_factory), directory / "weights")
+    return directory
+
+
+@pytest.fixture
+def in_cli_dir(cli_dir, monkeypatch):
+    """Run in the copy of recipes/cli, with its ``digits`` module importable."""
+    torch.set_num_threads(1)
+    monkeypatch.chdir(cli_dir)
+    monkeypatch.syspath_prepend(str(cli_dir))
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    return cli_dir

@@ -1,9 +1,7 @@
 """FMSLightningCLI: a drop-in LightningCLI whose `fit --tuner fms` runs a study, each trial built by the CLI."""
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,39 +13,8 @@ import yaml
 from lightning_fms.errors import FMSError
 from lightning_fms.lightning_cli import FMSLightningCLI, rewrite_tuner_flag
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "cli"
 FAST = ["--tuner.progress", "false", "--tuner.num_fresh_candidates", "8",
         "--tuner.surrogate_options", "{full_fit_steps: 60, refine_steps: 10, full_fits: 2}"]  # fmt: skip
-
-
-def recipe_weights(hub, tmp_path_factory) -> Path:
-    """The recipe's weights files, made once per session from the session's tiny hub."""
-    out = tmp_path_factory.getbasetemp() / "cli-weights"
-    if not (out / "resnet-xs.safetensors").exists():
-        spec = importlib.util.spec_from_file_location("recipe_digits", RECIPE_DIR / "digits.py")
-        digits = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(digits)
-        digits.make_weights(out, hub_dir=Path(hub.entry(hub.names[0]).weights).parent)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cli_dir(hub, tmp_path_factory):
-    """A copy of recipes/cli with its weights files."""
-    directory = tmp_path_factory.mktemp("cli")
-    for name in ("train.py", "digits.py", "cfg.yaml", "space.yaml", "sweep.yaml"):
-        shutil.copy(RECIPE_DIR / name, directory / name)
-    shutil.copytree(recipe_weights(hub, tmp_path_factory), directory / "weights")
-    return directory
-
-
-@pytest.fixture
-def in_cli_dir(cli_dir, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.chdir(cli_dir)
-    monkeypatch.syspath_prepend(str(cli_dir))
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    return cli_dir
 
 
 def make_cli(*args):

@@ -1,18 +1,14 @@
 import csv
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import FAST_SURROGATE
 
 from lightning_fms import CheckpointError, FMSError, FMSTuner, SearchSpace, StudyLockedError, TrialStatus
 from lightning_fms.observer import StudyObserver
-from lightning_fms.search.seeds import derive_seed
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.reports import TRAJECTORY_COLUMNS
-from lightning_fms.training.executor import EpochJob, InProcessExecutor
-from lightning_fms.training.seeder import TrialSeeder
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 SPACE_SPEC = {
@@ -114,45 +110,6 @@ def test_study_spends_budget_and_writes_outputs(hub, tmp_path):
     # rerunning a finished study resumes and trains nothing more
     again = make_tuner(hub, tmp_path / "study").run()
     assert again.epochs_spent == 8 and again.best_value == result.best_value
-
-
-def test_one_epoch_at_a_time_equals_straight_training_bit_for_bit(hub, tmp_path):
-    space = SearchSpace.from_dict(SPACE_SPEC, hub_entries=hub.names)
-    config = {"hub": "cnn-s", "model.lr": 0.05, "model.dropout": 0.3}
-    other = {"hub": "mlp-s", "model.lr": 0.1, "model.dropout": 0.1}
-    executor = InProcessExecutor(ImageClassifier, DigitsDataModule, space, hub, monitor="val_acc", cap=5)
-
-    def job(trial_id, cfg, epoch, resume):
-        return EpochJob(
-            trial_id, cfg, epoch, resume, tmp_path / f"t{trial_id}-e{epoch}.ckpt", tmp_path / f"log{trial_id}", seed=0
-        )
-
-    resume = None
-    for epoch in (1, 2, 3):
-        assert executor.run_epoch(job(7, config, epoch, resume)).error is None
-        resume = tmp_path / f"t7-e{epoch}.ckpt"
-        other_resume = tmp_path / f"t8-e{epoch - 1}.ckpt" if epoch > 1 else None
-        assert executor.run_epoch(job(8, other, epoch, other_resume)).error is None  # interleaved trial
-    split = torch.load(resume, weights_only=True)
-
-    module, datamodule = executor.build(config, seed=derive_seed(0, "init", 7))
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[TrialSeeder(derive_seed(0, "trial", 7))],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    straight = module.state_dict()
-    for key, value in straight.items():
-        assert torch.equal(value, split["state_dict"][key]), key
-    # the LR schedule follows the trial cap (5), not the Trainer's max_epochs
-    assert split["lr_schedulers"][0]["T_max"] == 5
-    assert split["lr_schedulers"][0]["last_epoch"] == 3
-    assert split["optimizer_states"][0]["state"], "momentum buffers are restored"
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_study_goes_on(hub, tmp_path):

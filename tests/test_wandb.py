@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import test_lightning_cli
 import torch
 import yaml
 from conftest import FAST_SURROGATE
@@ -17,9 +16,6 @@ from test_lightning_cli import FAST, make_cli
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.errors import FMSError
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
-
-cli_dir = test_lightning_cli.cli_dir  # the recipe's CLI folder with its weights files (fixtures reused)
-in_cli_dir = test_lightning_cli.in_cli_dir
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 from lightning_fms.bench.ledger import Ledger
 from lightning_fms.bench.methods import METHODS, MethodRun, MethodSpec, RunOptions, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, mean_ci, normalised_regret, rank_correlation
-from lightning_fms.bench.pool import Pool
+from lightning_fms.bench.pool_data import Pool
 from lightning_fms.bench.report import ReportMeta, write_report
 from lightning_fms.bench.runner import BenchResult, PoolSource, run_bench
 

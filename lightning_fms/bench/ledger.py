@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lightning_fms.bench.metrics import to_scores
-from lightning_fms.bench.pool import Pool
+from lightning_fms.bench.pool_data import Pool
 
 
 class BudgetSpent(Exception):

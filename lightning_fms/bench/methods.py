@@ -37,7 +37,7 @@ from torch import nn
 from lightning_fms.bench import peers
 from lightning_fms.bench.ledger import BudgetSpent, Ledger
 from lightning_fms.bench.metrics import rank_correlation, to_scores
-from lightning_fms.bench.pool import Pool
+from lightning_fms.bench.pool_data import Pool
 from lightning_fms.errors import FMSError
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.rows import WeightKey

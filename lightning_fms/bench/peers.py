@@ -44,7 +44,7 @@ from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam
 
 if TYPE_CHECKING:
     from lightning_fms.bench.ledger import Ledger
-    from lightning_fms.bench.pool import Pool
+    from lightning_fms.bench.pool_data import Pool
 
 HYPERBAND_DESCRIPTION = "Hyperband (eta 3, min 1 epoch), promoted configurations continue (freeze-thaw)"
 ASHA_DESCRIPTION = "ASHA (eta 3, min 1 epoch), one worker, promoted configurations continue"

@@ -38,7 +38,7 @@ import numpy as np
 from lightning_fms.bench.methods import METHODS, MethodRun, RunOptions, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, normalised_regret, to_scores
 from lightning_fms.bench.peers import import_optuna
-from lightning_fms.bench.pool import Pool
+from lightning_fms.bench.pool_data import Pool
 from lightning_fms.bench.report import ReportMeta, safe_name, write_report
 from lightning_fms.errors import FMSError
 from lightning_fms.study.directory import atomic_write_text

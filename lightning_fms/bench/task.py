@@ -33,7 +33,7 @@ from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub, sha256_file
 from lightning_fms.recipe import Recipe
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.training.executor import InProcessExecutor
+from lightning_fms.training.in_process import InProcessExecutor
 
 __all__ = ["DEFAULT_TEST_METRIC", "POOL_BUILDER_VERSION", "POOL_KEYS", "BenchTask", "resolve_test_metric"]
 
@@ -197,9 +197,10 @@ class BenchTask:
     def build_executor(self, hub: ModelHub | None = None) -> InProcessExecutor:
         """The executor the tuner would use for this recipe with ``max_epochs_per_trial = epochs``.
 
-        Its :meth:`~lightning_fms.training.executor.InProcessExecutor.build` turns a configuration into the trial's
-        module and datamodule, and :meth:`~lightning_fms.training.executor.InProcessExecutor.run_epoch` trains one
-        epoch of a trial, exactly as under :class:`~lightning_fms.tuner.FMSTuner`.
+        Its :meth:`~lightning_fms.training.in_process.InProcessExecutor.build_trial` turns a configuration into the
+        trial's module, datamodule and Trainer arguments, and
+        :meth:`~lightning_fms.training.in_process.InProcessExecutor.run_epoch` trains one epoch of a trial, exactly as
+        under :class:`~lightning_fms.tuner.FMSTuner`.
 
         Raises:
             FMSError: imports, the space's keys or the trainer options do not fit.

@@ -15,7 +15,7 @@ import yaml
 from conftest import recipe_dict
 from safetensors.torch import load_file
 
-import lightning_fms.bench.pool as pool_module
+import lightning_fms.bench.pool_build as pool_build
 from lightning_fms.bench.pool import build_pool, load_pool, main, pool_dir
 from lightning_fms.bench.task import BenchTask
 from lightning_fms.errors import FMSError
@@ -80,7 +80,6 @@ def test_values_and_weights_equal_what_the_tuner_executor_records(built, tmp_pat
     task, pool, _ = built
     index = 1
     executor = task.build_executor()
-    executor.record_weights = True
     stored = load_file(str(Path(pool.meta["folder"]) / "configs" / f"{index:04d}.safetensors"))
     for epoch in range(1, EPOCHS + 1):
         outcome = executor.run_epoch(
@@ -92,6 +91,7 @@ def test_values_and_weights_equal_what_the_tuner_executor_records(built, tmp_pat
                 checkpoint_out=tmp_path / f"{epoch}.ckpt",
                 log_dir=tmp_path,
                 seed=task.pool_seed,
+                record_weights=True,
             )
         )
         assert outcome.error is None
@@ -132,13 +132,13 @@ def test_a_deleted_configuration_is_retrained_alone_and_identically(built, tmp_p
     before = json.loads((folder / "configs" / "0002.json").read_text())
     (folder / "configs" / "0002.safetensors").unlink()
     trained = []
-    original = pool_module._train_config
+    original = pool_build._train_config
 
     def counting(task, executor, metric, folder, index, config):
         trained.append(index)
         return original(task, executor, metric, folder, index, config)
 
-    monkeypatch.setattr(pool_module, "_train_config", counting)
+    monkeypatch.setattr(pool_build, "_train_config", counting)
     again = load_pool(task, cache_dir=cache)  # pool.json is there, but one weights file is not
     assert trained == [2]
     after = json.loads((folder / "configs" / "0002.json").read_text())
@@ -153,7 +153,7 @@ def test_a_deleted_configuration_is_retrained_alone_and_identically(built, tmp_p
 def test_an_interrupted_build_resumes_with_the_missing_configurations(hub_file, tmp_path, monkeypatch):
     task = BenchTask.from_file(write_task(tmp_path / "tiny.yaml", hub_file, size=4, seed=7))
     trained = []
-    original = pool_module._train_config
+    original = pool_build._train_config
 
     def interrupted(task, executor, metric, folder, index, config):
         if len(trained) == 2:
@@ -161,21 +161,21 @@ def test_an_interrupted_build_resumes_with_the_missing_configurations(hub_file, 
         trained.append(index)
         return original(task, executor, metric, folder, index, config)
 
-    monkeypatch.setattr(pool_module, "_train_config", interrupted)
+    monkeypatch.setattr(pool_build, "_train_config", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_pool(task, cache_dir=tmp_path)
     folder = pool_dir(task, tmp_path)
     assert not (folder / "pool.json").exists() and len(list((folder / "configs").glob("*.json"))) == 2
     with pytest.raises(FMSError, match="not built"):
         load_pool(task, cache_dir=tmp_path, build=False)
-    monkeypatch.setattr(pool_module, "_train_config", original)
+    monkeypatch.setattr(pool_build, "_train_config", original)
     trained_again = []
 
     def counting(task, executor, metric, folder, index, config):
         trained_again.append(index)
         return original(task, executor, metric, folder, index, config)
 
-    monkeypatch.setattr(pool_module, "_train_config", counting)
+    monkeypatch.setattr(pool_build, "_train_config", counting)
     pool = build_pool(task, cache_dir=tmp_path)
     assert trained == [0, 1] and trained_again == [2, 3]
     assert pool.size == 4 and np.isfinite(pool.val).all()
@@ -259,9 +259,12 @@ def test_a_datamodule_without_test_split_is_refused_before_training(hub_file, tm
 
 def test_command_line_loads_a_built_pool_and_reports_errors_in_one_line(built, capsys, tmp_path):
     _, pool, root = built
-    assert main([str(root / "tiny.yaml"), "--cache-dir", str(root / "cache")]) == 0
+    assert main([str(root / "tiny.yaml"), "--cache_dir", str(root / "cache")]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"tiny: {SIZE} configurations x {EPOCHS} epochs") and "final val best" in out
+    assert main([str(root / "tiny.yaml"), "--cache-dir", str(root / "cache"), "--quiet"]) == 0  # the old spelling
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "lightning-fms: warning: --cache-dir is deprecated, use --cache_dir\n"
     (tmp_path / "bad.yaml").write_text("pool: {size: 0}\n")
     assert main([str(tmp_path / "bad.yaml"), "--quiet"]) == 2
     err = capsys.readouterr().err
