@@ -261,12 +261,12 @@ class StudyAgent:
 
     def _reap(self, optimizer: FreezeThawOptimizer) -> bool:
         """Give back running epochs whose agent process is gone; whether any was."""
-        dead = [t for t, r in optimizer.running.items() if not _alive(r.get("owner", {}))]
+        dead = [t for t, claimed in optimizer.running.items() if not _alive(claimed.owner)]
         for trial_id in dead:
             log.warning(
                 "trial %d: its agent (pid %s) is gone; giving the epoch back",
                 trial_id,
-                optimizer.running[trial_id]["owner"].get("pid"),
+                optimizer.running[trial_id].owner.get("pid"),
             )
             optimizer.release(trial_id)
         return bool(dead)
@@ -382,8 +382,8 @@ class StudyAgent:
         self, optimizer: FreezeThawOptimizer, agent: dict[str, Any], suggestion: Suggestion, outcome: _Outcome
     ) -> None:
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
-        record = optimizer.running.get(trial_id)
-        if record is None or record["epoch"] != epoch or record.get("owner") != self.owner:
+        claimed = optimizer.running.get(trial_id)
+        if claimed is None or claimed.decision.epoch != epoch or dict(claimed.owner) != self.owner:
             log.warning("trial %d epoch %d was given back meanwhile; its result is dropped", trial_id, epoch)
             return
         checkpoints: dict[str, dict[str, str]] = agent["checkpoints"]
