@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from lightning_fms.frozen.units import layer_units
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
+from lightning_fms.study.atomic import atomic_output
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.quiet import quiet_lightning
 from lightning_fms.training.seeder import TrialSeeder
@@ -245,10 +245,8 @@ class InProcessExecutor:
             outcome.error = report.error or _divergence(trainer, module)
             outcome.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if outcome.error is None:
-            job.checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = job.checkpoint_out.with_name(f".{job.checkpoint_out.name}.tmp")
-            trainer.save_checkpoint(tmp, weights_only=False)
-            os.replace(tmp, job.checkpoint_out)
+            with atomic_output(job.checkpoint_out) as tmp:
+                trainer.save_checkpoint(tmp, weights_only=False)
         outcome.wall_s = time.perf_counter() - start
         return outcome
 
