@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -32,10 +31,7 @@ from typing import IO, Any
 import torch
 
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
-from lightning_fms.search.trial import to_score
 from lightning_fms.study.atomic import atomic_output, atomic_write_bytes, atomic_write_text, sha256_file
-
-file_sha256 = sha256_file
 
 # the study's writers import these from here as well as from lightning_fms.study.atomic (one implementation)
 __all__ = ["StudyDirectory", "atomic_write_bytes", "atomic_write_text"]
@@ -179,23 +175,3 @@ class StudyDirectory:
             raise CheckpointError(f"checkpoint {path} is missing")
         if sha256 is not None and sha256_file(path) != sha256:
             raise CheckpointError(f"checkpoint {path} was modified after the study wrote it (sha256 mismatch)")
-
-    def keep_if_best(
-        self, best: dict[str, Any] | None, checkpoint: Path, trial_id: int, epoch: int, value: float, mode: str
-    ) -> dict[str, Any] | None:
-        """Copy ``checkpoint`` to ``best.ckpt`` when ``value`` beats ``best``."""
-        if best is not None and to_score(value, mode) <= to_score(best["value"], mode):
-            return best
-        if not math.isfinite(value):
-            return best
-        atomic_write_bytes(self.best_checkpoint_path, checkpoint.read_bytes())
-        return {"trial": trial_id, "epoch": epoch, "value": value}
-
-    def delete_checkpoints_except(self, trial_id: int, keep: Path | None) -> None:
-        """Delete the trial's checkpoint files other than ``keep`` (all of them when ``keep`` is None)."""
-        trial_dir = self.trial_dir(trial_id)
-        if not trial_dir.exists():
-            return
-        for path in trial_dir.glob("*.ckpt"):
-            if keep is None or path != keep:
-                path.unlink(missing_ok=True)
