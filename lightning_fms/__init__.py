@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "TuneResult": "lightning_fms.tuner",
     "load_best_weights": "lightning_fms.tuner",
     "StudyObserver": "lightning_fms.observer",
+    "StudyView": "lightning_fms.observer",
     "Recipe": "lightning_fms.recipe",
     "read_space_file": "lightning_fms.sweep",
     "space_from_sweep": "lightning_fms.sweep",
@@ -92,7 +93,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from lightning_fms.hub import HubEntry, ModelHub, load_weights_file
     from lightning_fms.lightning_cli import FMSLightningCLI, TunerOptions, WandbOptions
     from lightning_fms.loggers import WandbStudyLogger
-    from lightning_fms.observer import StudyObserver
+    from lightning_fms.observer import StudyObserver, StudyView
     from lightning_fms.recipe import Recipe
     from lightning_fms.search.optimizer import FreezeThawOptimizer, Observation, Suggestion, SuggestionKind
     from lightning_fms.search.searcher import RandomSearcher, Searcher, SurrogateSearcher, build_searcher

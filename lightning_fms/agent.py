@@ -26,8 +26,6 @@ state; later agents may omit them and join.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -36,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +46,8 @@ from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, Sugg
 from lightning_fms.search.searcher import build_searcher
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.search.trial import TrialStatus
-from lightning_fms.study.directory import StudyDirectory, file_sha256
-from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
+from lightning_fms.study.directory import StudyDirectory
+from lightning_fms.study.ledger import StudyLedger
 from lightning_fms.sweep import read_space_file
 from lightning_fms.training.callback import (
     ENV_CHECKPOINT,
@@ -61,13 +58,11 @@ from lightning_fms.training.callback import (
     ENV_STUDY_DIR,
     ENV_TRIAL,
 )
+from lightning_fms.training.executor import EpochOutcome
 
 __all__ = ["AgentSettings", "StudyAgent", "command_line"]
 
 log = logging.getLogger(__name__)
-
-AGENTS_LOCK = ".agents.lock"
-STUDY_LOCK = ".lock"
 
 
 @dataclass
@@ -113,13 +108,6 @@ def _cli_value(value: Any) -> str:
     return str(value)
 
 
-@dataclass
-class _Outcome:
-    value: float
-    error: str | None
-    wall_s: float
-
-
 class StudyAgent:
     """One agent process: claims an epoch, runs the user's command, tells the study; until the budget is spent.
 
@@ -149,59 +137,32 @@ class StudyAgent:
         self.echo = echo
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self.trained: list[tuple[int, int]] = []
-        self._study_lock: Any = None
-
-    # ------------------------------------------------------------------ locks
-    def _join(self) -> None:
-        try:
-            self.study.path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FMSError(f"cannot create study directory {self.study.path}: {error.strerror}") from None
-        handle = open(self.study.path / STUDY_LOCK, "a+")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise FMSError(
-                f"study directory {self.study.path} is in use by lightning-fms tune; agents cannot join it"
-            ) from None
-        self._study_lock = handle
-
-    def _leave(self) -> None:
-        if self._study_lock is not None:
-            fcntl.flock(self._study_lock.fileno(), fcntl.LOCK_UN)
-            self._study_lock.close()
-            self._study_lock = None
-
-    @contextlib.contextmanager
-    def _critical(self) -> Iterator[None]:
-        with open(self.study.path / AGENTS_LOCK, "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ state
-    def _load(self) -> tuple[FreezeThawOptimizer, dict[str, Any]]:
-        """The optimizer and the agent section of the state (creating the study if it has none)."""
+    def _load(self) -> tuple[FreezeThawOptimizer, StudyLedger]:
+        """The optimizer and the ledger of the persisted study (creating the study if there is none)."""
         state = self.study.load_state()
         if state is None:
-            optimizer, agent = self._create()
-            self._save(optimizer, agent)
-            return optimizer, agent
+            optimizer, ledger = self._create()
+            ledger.save(optimizer)
+            return optimizer, ledger
         if "agent" not in state:
             raise FMSError(
                 f"study directory {self.study.path} holds a study of lightning-fms tune; agents cannot join it"
             )
-        agent = state["agent"]
-        stored = agent["settings"]
+        section = state["agent"]
+        stored = section["settings"]
         self._check_settings(state, stored)
         optimizer = self._optimizer(SearchSpace.from_dict(state["settings"]["space"]), stored)
         optimizer.load_state_dict(state)
-        return optimizer, agent
+        ledger = self._ledger(stored)
+        ledger.load_state_dict(section)
+        return optimizer, ledger
 
-    def _create(self) -> tuple[FreezeThawOptimizer, dict[str, Any]]:
+    def _ledger(self, stored: dict[str, Any]) -> StudyLedger:
+        return StudyLedger(self.study, monitor=stored["monitor"], mode=stored["mode"], section="agent", settings=stored)
+
+    def _create(self) -> tuple[FreezeThawOptimizer, StudyLedger]:
         given = self.settings
         if given.space_file is None:
             raise FMSError(f"study directory {self.study.path} holds no study yet: give --space to create it")
@@ -220,8 +181,7 @@ class StudyAgent:
             "searcher": given.searcher or "dyhpo",
             "max_paused_trials": given.max_paused_trials,
         }
-        optimizer = self._optimizer(space_file.space, stored)
-        return optimizer, {"settings": stored, "checkpoints": {}, "best": None}
+        return self._optimizer(space_file.space, stored), self._ledger(stored)
 
     def _check_settings(self, state: dict[str, Any], stored: dict[str, Any]) -> None:
         given = self.settings
@@ -254,19 +214,14 @@ class StudyAgent:
             max_paused_trials=stored.get("max_paused_trials"),
         )
 
-    def _save(self, optimizer: FreezeThawOptimizer, agent: dict[str, Any]) -> None:
-        state = optimizer.state_dict()
-        state["agent"] = agent
-        self.study.save_state(state)
-
     def _reap(self, optimizer: FreezeThawOptimizer) -> bool:
         """Give back running epochs whose agent process is gone; whether any was."""
-        dead = [t for t, r in optimizer.running.items() if not _alive(r.get("owner", {}))]
+        dead = [t for t, claimed in optimizer.running.items() if not _alive(claimed.owner)]
         for trial_id in dead:
             log.warning(
                 "trial %d: its agent (pid %s) is gone; giving the epoch back",
                 trial_id,
-                optimizer.running[trial_id]["owner"].get("pid"),
+                optimizer.running[trial_id].owner.get("pid"),
             )
             optimizer.release(trial_id)
         return bool(dead)
@@ -278,16 +233,16 @@ class StudyAgent:
         Raises:
             FMSError: bad settings, or a study directory that is not an agents' study.
         """
-        self._join()
+        self.study.join()
         try:
             while True:
-                with self._critical():
-                    optimizer, agent = self._load()
+                with self.study.critical():
+                    optimizer, ledger = self._load()
                     changed = self._reap(optimizer)
                     suggestion = optimizer.claim(self.owner)
                     if suggestion is not None or changed:
-                        self._save(optimizer, agent)
-                    resume = self._resume_path(agent, suggestion)
+                        ledger.save(optimizer)
+                    resume = self._resume_path(ledger, suggestion)
                     others_running = bool(optimizer.running)
                     budget_left = optimizer.epochs_spent + len(optimizer.running) < optimizer.budget
                 if suggestion is None:
@@ -296,44 +251,41 @@ class StudyAgent:
                         continue
                     break
                 try:
-                    outcome = self._train(suggestion, resume, agent["settings"]["monitor"])
+                    outcome = self._train(suggestion, resume, ledger)
                 except BaseException:
-                    with self._critical():
-                        optimizer, agent = self._load()
+                    with self.study.critical():
+                        optimizer, ledger = self._load()
                         optimizer.release(suggestion.trial_id)
-                        self._save(optimizer, agent)
+                        ledger.save(optimizer)
                     raise
-                with self._critical():
-                    optimizer, agent = self._load()
-                    self._finish(optimizer, agent, suggestion, outcome)
-            with self._critical():
-                optimizer, agent = self._load()
+                with self.study.critical():
+                    optimizer, ledger = self._load()
+                    self._finish(optimizer, ledger, suggestion, outcome)
+            with self.study.critical():
+                optimizer, ledger = self._load()
                 if optimizer.is_done and not optimizer.running:
-                    write_regret_plot(self.study.path / "regret.png", optimizer, agent["settings"]["monitor"])
-            return self._summary(optimizer, agent)
+                    ledger.write_reports(optimizer, final=True)
+            return self._summary(optimizer, ledger)
         finally:
-            self._leave()
+            self.study.unlock()
 
-    def _resume_path(self, agent: dict[str, Any], suggestion: Suggestion | None) -> Path | str | None:
+    def _resume_path(self, ledger: StudyLedger, suggestion: Suggestion | None) -> Path | str | None:
+        """The verified checkpoint to resume from, or why there is none (the epoch then fails)."""
         if suggestion is None or suggestion.kind != SuggestionKind.RESUME:
             return None
-        record = agent["checkpoints"].get(str(suggestion.trial_id))
-        if record is None:
-            return f"trial {suggestion.trial_id} has no checkpoint to resume from"
-        path = (self.study.path / record["path"]).resolve()
         try:
-            self.study.verify_checkpoint(path, record["sha256"])
+            return ledger.resume_checkpoint(suggestion.trial_id).resolve()
         except CheckpointError as error:
             return str(error)
-        return path
 
-    def _train(self, suggestion: Suggestion, resume: Path | str | None, monitor: str) -> _Outcome:
+    def _train(self, suggestion: Suggestion, resume: Path | str | None, ledger: StudyLedger) -> EpochOutcome:
+        """Run the user's command for one epoch; what it reported (its checkpoint is on disk unless it failed)."""
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
         if isinstance(resume, str):  # the checkpoint is missing or was modified
-            return _Outcome(math.nan, resume, 0.0)
+            return EpochOutcome(error=resume)
         trial_dir = self.study.trial_dir(trial_id)
         trial_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = trial_dir / f"epoch-{epoch}.ckpt"
+        checkpoint = ledger.checkpoint_path(trial_id, epoch)
         result = trial_dir / f"epoch-{epoch}.json"
         for stale in (checkpoint, result):
             stale.unlink(missing_ok=True)
@@ -344,7 +296,7 @@ class StudyAgent:
             ENV_EPOCH: str(epoch),
             ENV_RESUME: str(resume) if resume is not None else "",
             ENV_RESULT: str(result.resolve()),
-            ENV_MONITOR: monitor,
+            ENV_MONITOR: ledger.monitor,
             ENV_CHECKPOINT: str(checkpoint.resolve()),
         }
         argv = command_line(self.command, suggestion.config, resume)
@@ -354,57 +306,44 @@ class StudyAgent:
             try:
                 code = subprocess.run(argv, stdout=out, stderr=err, env=env, check=False).returncode
             except OSError as error:
-                return _Outcome(math.nan, f"cannot run {argv[0]!r}: {error.strerror}", time.perf_counter() - start)
+                return EpochOutcome(
+                    error=f"cannot run {argv[0]!r}: {error.strerror}", wall_s=time.perf_counter() - start
+                )
         wall_s = time.perf_counter() - start
         if code != 0:
-            return _Outcome(math.nan, _last_line(stderr_path) or f"the command exited with status {code}", wall_s)
+            return EpochOutcome(
+                error=_last_line(stderr_path) or f"the command exited with status {code}", wall_s=wall_s
+            )
         if not result.exists():
-            return _Outcome(
-                math.nan,
-                "the command wrote no result: add FMSCheckpointCallback() to its Trainer's callbacks",
-                wall_s,
+            return EpochOutcome(
+                error="the command wrote no result: add FMSCheckpointCallback() to its Trainer's callbacks",
+                wall_s=wall_s,
             )
         data = json.loads(result.read_text())
         if data.get("error"):
-            return _Outcome(math.nan, str(data["error"]), wall_s)
+            return EpochOutcome(error=str(data["error"]), wall_s=wall_s)
         if int(data.get("epoch", 0)) != epoch:
-            return _Outcome(
-                math.nan,
-                f"the run ended at epoch {data.get('epoch')}, not {epoch} (is the Trainer's max_epochs too small?)",
-                wall_s,
+            return EpochOutcome(
+                error=f"the run ended at epoch {data.get('epoch')}, not {epoch} "
+                "(is the Trainer's max_epochs too small?)",
+                wall_s=wall_s,
             )
         if not checkpoint.exists():
-            return _Outcome(math.nan, f"the run saved no checkpoint at {checkpoint}", wall_s)
+            return EpochOutcome(error=f"the run saved no checkpoint at {checkpoint}", wall_s=wall_s)
         value = data.get("value")
-        return _Outcome(float(value) if value is not None else math.nan, None, wall_s)
+        return EpochOutcome(value=float(value) if value is not None else math.nan, wall_s=wall_s)
 
     def _finish(
-        self, optimizer: FreezeThawOptimizer, agent: dict[str, Any], suggestion: Suggestion, outcome: _Outcome
+        self, optimizer: FreezeThawOptimizer, ledger: StudyLedger, suggestion: Suggestion, outcome: EpochOutcome
     ) -> None:
+        """Commit the epoch through the ledger, unless it was given back meanwhile (this agent seemed dead)."""
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
-        record = optimizer.running.get(trial_id)
-        if record is None or record["epoch"] != epoch or record.get("owner") != self.owner:
+        claimed = optimizer.running.get(trial_id)
+        if claimed is None or claimed.decision.epoch != epoch or dict(claimed.owner) != self.owner:
             log.warning("trial %d epoch %d was given back meanwhile; its result is dropped", trial_id, epoch)
             return
-        checkpoints: dict[str, dict[str, str]] = agent["checkpoints"]
-        out = self.study.trial_dir(trial_id) / f"epoch-{epoch}.ckpt"
-        if outcome.error is not None:
-            stopped = optimizer.complete(trial_id, epoch, math.nan, outcome.wall_s, error=outcome.error)
-            checkpoints.pop(str(trial_id), None)
-        else:
-            best = agent.get("best")
-            agent["best"] = self.study.keep_if_best(best, out, trial_id, epoch, outcome.value, optimizer.mode)
-            checkpoints[str(trial_id)] = {"path": str(out.relative_to(self.study.path)), "sha256": file_sha256(out)}
-            stopped = optimizer.complete(trial_id, epoch, outcome.value, outcome.wall_s)
-            if optimizer.trials[trial_id].status != TrialStatus.PAUSED:
-                checkpoints.pop(str(trial_id), None)
-        for other in stopped:
-            checkpoints.pop(str(other), None)
-        self._save(optimizer, agent)
+        ledger.commit(optimizer, trial_id, epoch, outcome, claimed=True)
         self.trained.append((trial_id, epoch))
-        for touched in (trial_id, *stopped):
-            self._delete_unreferenced(checkpoints, touched)
-        self._write_reports(optimizer, agent)
         if self.echo:
             status = f"failed: {optimizer.trials[trial_id].error}" if outcome.error else f"{outcome.value:.4g}"
             print(
@@ -414,24 +353,14 @@ class StudyAgent:
                 flush=True,
             )
 
-    def _delete_unreferenced(self, checkpoints: dict[str, dict[str, str]], trial_id: int) -> None:
-        keep = checkpoints.get(str(trial_id))
-        self.study.delete_checkpoints_except(trial_id, self.study.path / keep["path"] if keep else None)
-
-    def _write_reports(self, optimizer: FreezeThawOptimizer, agent: dict[str, Any]) -> None:
-        monitor = agent["settings"]["monitor"]
-        write_trajectory(self.study.path / "trajectory.csv", optimizer, {})
-        best = self.study.best_checkpoint_path if agent.get("best") else None
-        write_results(self.study.path / "results.json", optimizer, best_checkpoint=best, monitor=monitor, families={})
-
-    def _summary(self, optimizer: FreezeThawOptimizer, agent: dict[str, Any]) -> dict[str, Any]:
+    def _summary(self, optimizer: FreezeThawOptimizer, ledger: StudyLedger) -> dict[str, Any]:
         best = optimizer.best()
         return {
             "best_trial": best.trial_id if best else None,
             "best_epoch": best.epoch if best else None,
             "best_value": best.value if best else None,
             "best_config": dict(optimizer.trials[best.trial_id].config) if best else None,
-            "best_checkpoint": str(self.study.best_checkpoint_path) if agent.get("best") else None,
+            "best_checkpoint": str(ledger.best_checkpoint) if ledger.best_checkpoint else None,
             "epochs_spent": optimizer.epochs_spent,
             "epochs_trained_here": len(self.trained),
             "results": str(self.study.path / "results.json"),

@@ -11,9 +11,20 @@ class FMSError(Exception):
     """
 
 
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line: whitespace runs become one space, cut to ``limit`` characters.
+
+    An empty message gives the exception's type name.
+    """
+    text = " ".join(str(error).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text or type(error).__name__
+
+
 def error_line(error: BaseException) -> str:
     """The one line the command line prints for a user error: ``lightning-fms: error: <message>``."""
-    return "lightning-fms: error: " + " ".join(str(error).split())
+    return "lightning-fms: error: " + one_line(error)
 
 
 class StudyLockedError(FMSError):

@@ -37,7 +37,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.errors import CheckpointError, FMSError, one_line
+from lightning_fms.study.atomic import atomic_write_text, sha256_file
 
 __all__ = ["HubEntry", "ModelHub", "load_weights_file", "sha256_file"]
 
@@ -47,11 +48,8 @@ _HUB_KEYS = ("name", "entries", "metadata")
 
 
 def _one_line(error: BaseException) -> str:
-    """Squash an exception's message onto one line (error messages must be single lines)."""
-    text = " ".join(str(error).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return text or type(error).__name__
+    """An exception's message on one line of at most 300 characters (hub errors quote library messages)."""
+    return one_line(error, limit=300)
 
 
 @dataclass(frozen=True)
@@ -85,16 +83,6 @@ class HubEntry:
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", str(self.sha256).lower())
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex SHA-256 digest of a file.
-
-    Raises:
-        CheckpointError: If the file does not exist or cannot be read.
-
-    """
-    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -331,10 +319,7 @@ class ModelHub:
             text = yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
         except yaml.YAMLError as error:
             raise FMSError(f"cannot write hub {self.name!r} to {path}: {_one_line(error)}") from error
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         return path
 
     # -- access ---------------------------------------------------------------------------------------------------

@@ -6,11 +6,8 @@ the study state is written atomically. Kill the process at any moment and run th
 again: the study resumes from its last completed epoch and, with the same seed, makes the same
 decisions as a run that was never interrupted.
 
-Checkpoint policy (what keeps disk use bounded): a paused trial keeps exactly one checkpoint, that of
-its newest epoch (``trials/<id>/epoch-<k>.ckpt``; the previous one is deleted once the study state
-references the new one). A trial that finishes (reaches the cap), fails, or is stopped by
-``max_paused_trials`` loses its checkpoint. ``best.ckpt`` is a copy of the checkpoint of the best
-epoch seen so far. So the study holds at most ``paused trials + 1`` checkpoints.
+Each epoch is committed through the study's :class:`~lightning_fms.study.ledger.StudyLedger`, which
+also owns the checkpoint policy (a paused trial keeps one checkpoint, ``best.ckpt`` holds the best epoch's).
 """
 
 from __future__ import annotations
@@ -32,14 +29,13 @@ from lightning_fms.frozen.levels import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
 from lightning_fms.progress import StudyProgress
-from lightning_fms.search.optimizer import FreezeThawOptimizer, SuggestionKind
+from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
 from lightning_fms.search.rows import WeightKey
 from lightning_fms.search.searcher import SurrogateSearcher, build_searcher
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.search.trial import TrialStatus
-from lightning_fms.study.directory import StudyDirectory, file_sha256
-from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
+from lightning_fms.study.directory import StudyDirectory
+from lightning_fms.study.ledger import StudyLedger
 from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.training.executor import EpochJob, Executor
 from lightning_fms.training.in_process import InProcessExecutor
@@ -242,8 +238,9 @@ class FMSTuner:
         )
         self.monitor = monitor
         self.mode = mode
-        self._checkpoints: dict[int, dict[str, str]] = {}
-        self._best: dict[str, Any] | None = None
+        self.ledger = StudyLedger(
+            self.study, monitor=monitor, mode=mode, families=self._families(), snapshots=self.snapshots
+        )
         self._modules: dict[WeightKey, nn.Module] = {}
 
     # ------------------------------------------------------------------ weights for the featurizer
@@ -305,90 +302,58 @@ class FMSTuner:
         try:
             self._restore()
             for observer in self.observers:
-                observer.on_study_start(self)
+                observer.on_study_start(self.ledger.view(self.optimizer))
             display = StudyProgress(self.optimizer.budget, enabled=self.progress)
             with display:
                 display.update(self.optimizer, self._best_label())
                 while (suggestion := self.optimizer.ask()) is not None:
                     self._run_one(suggestion)
                     display.update(self.optimizer, self._best_label())
-            self._write_reports(final=True)
+            self.ledger.write_reports(self.optimizer, final=True)
             for observer in self.observers:
-                observer.on_study_end(self)
+                observer.on_study_end(self.ledger.view(self.optimizer))
             return self._result()
         finally:
             self.study.unlock()
 
-    def _run_one(self, suggestion: Any) -> None:
+    def _run_one(self, suggestion: Suggestion) -> None:
+        """Train the suggested epoch and commit it through the ledger (then tell the observers)."""
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
-        resume_from = None
-        if suggestion.kind == SuggestionKind.RESUME:
-            record = self._checkpoints.get(trial_id)
-            if record is None:
-                self.optimizer.abandon_pending()
-                raise CheckpointError(f"trial {trial_id} has no checkpoint to resume from")
-            resume_from = self.study.path / record["path"]
-            try:
-                self.study.verify_checkpoint(resume_from, record["sha256"])
-            except CheckpointError:
-                self.optimizer.abandon_pending()
-                raise
-        out = self.study.trial_dir(trial_id) / f"epoch-{epoch}.ckpt"
-        job = EpochJob(
-            trial_id=trial_id,
-            config=suggestion.config,
-            epoch=epoch,
-            resume_from=resume_from,
-            checkpoint_out=out,
-            log_dir=self.study.trial_dir(trial_id),
-            seed=self.seed,
-            trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
-            record_weights=self.snapshots is not None,
-        )
         try:
+            resume_from = self.ledger.resume_checkpoint(trial_id) if suggestion.kind == SuggestionKind.RESUME else None
+            job = EpochJob(
+                trial_id=trial_id,
+                config=suggestion.config,
+                epoch=epoch,
+                resume_from=resume_from,
+                checkpoint_out=self.ledger.checkpoint_path(trial_id, epoch),
+                log_dir=self.study.trial_dir(trial_id),
+                seed=self.seed,
+                trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
+                record_weights=self.snapshots is not None,
+            )
             outcome = self.executor.run_epoch(job)
         except BaseException:
             self.optimizer.abandon_pending()
             raise
         if outcome.error is not None:
             log.warning("trial %d failed at epoch %d: %s", trial_id, epoch, outcome.error)
-            self.optimizer.tell_failure(trial_id, epoch, outcome.error, outcome.wall_s)
-            self._checkpoints.pop(trial_id, None)
-            stopped: list[int] = []
-        else:
-            if self.snapshots is not None and outcome.weights is not None:
-                self.snapshots.put(("trial", trial_id, epoch), outcome.weights)
-            self._best = self.study.keep_if_best(self._best, out, trial_id, epoch, outcome.value, self.mode)
-            self._checkpoints[trial_id] = {
-                "path": str(out.relative_to(self.study.path)),
-                "sha256": file_sha256(out),
-            }
-            stopped = self.optimizer.tell(trial_id, epoch, outcome.value, outcome.wall_s)
-            if self.optimizer.trials[trial_id].status != TrialStatus.PAUSED:
-                self._checkpoints.pop(trial_id, None)
-        for other in stopped:
-            self._checkpoints.pop(other, None)
-        self.study.save_state(self._state())
-        for touched in (trial_id, *stopped):
-            self._delete_unreferenced(touched)
-        self._write_reports(final=False)
-        for observer in self.observers:
-            observer.on_epoch_end(self, self.optimizer.trials[trial_id], epoch, dict(outcome.metrics))
+        self.ledger.commit(self.optimizer, trial_id, epoch, outcome)
+        if self.observers:
+            view = self.ledger.view(self.optimizer)
+            for observer in self.observers:
+                observer.on_epoch_end(view, view.trials[trial_id], epoch, dict(outcome.metrics))
 
     # ------------------------------------------------------------------ best checkpoint
     def _best_label(self) -> str:
-        if self._best is None:
+        best = self.ledger.best
+        if best is None:
             return "-"
-        trial = self.optimizer.trials[self._best["trial"]]
+        trial = self.optimizer.trials[best.trial]
         entry = trial.config.get(self.space.hub_key, "") if self.space.hub_key else ""
-        return f"{self._best['value']:.4f} (trial {self._best['trial']} {entry} epoch {self._best['epoch']})"
+        return f"{best.value:.4f} (trial {best.trial} {entry} epoch {best.epoch})"
 
     # ------------------------------------------------------------------ persistence
-    def _state(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        state["tuner"] = {"checkpoints": {str(k): dict(v) for k, v in self._checkpoints.items()}, "best": self._best}
-        return state
-
     def _restore(self) -> None:
         state = self.study.load_state()
         if state is None:
@@ -398,43 +363,15 @@ class FMSTuner:
                 f"study directory {self.study.path} holds a study of lightning-fms agent; use another --study_dir"
             )
         self.optimizer.load_state_dict(state)
-        tuner = state.get("tuner", {})
-        self._checkpoints = {int(k): dict(v) for k, v in tuner.get("checkpoints", {}).items()}
-        self._best = tuner.get("best")
-        self._delete_orphans()
+        self.ledger.load_state_dict(state.get("tuner", {}))
+        self.ledger.prune_orphans()
         log.info("resumed study %s at %d epochs", self.study.path, self.optimizer.epochs_spent)
-
-    def _delete_unreferenced(self, trial_id: int) -> None:
-        """Delete a trial's checkpoint files that the persisted state no longer references."""
-        keep = self._checkpoints.get(trial_id)
-        self.study.delete_checkpoints_except(trial_id, self.study.path / keep["path"] if keep else None)
-
-    def _delete_orphans(self) -> None:
-        trials_dir = self.study.path / "trials"
-        if not trials_dir.exists():
-            return
-        for trial_dir in trials_dir.iterdir():
-            if trial_dir.is_dir() and trial_dir.name.isdigit():
-                self._delete_unreferenced(int(trial_dir.name))
 
     # ------------------------------------------------------------------ outputs
     def _families(self) -> dict[str, str]:
         if self.hub is None:
             return {}
         return {entry.name: entry.family for entry in self.hub}
-
-    def _write_reports(self, final: bool) -> None:
-        families = self._families()
-        write_trajectory(self.study.path / "trajectory.csv", self.optimizer, families)
-        write_results(
-            self.study.path / "results.json",
-            self.optimizer,
-            best_checkpoint=self.study.best_checkpoint_path if self._best else None,
-            monitor=self.monitor,
-            families=families,
-        )
-        if final:
-            write_regret_plot(self.study.path / "regret.png", self.optimizer, self.monitor)
 
     def _result(self) -> TuneResult:
         best = self.optimizer.best()

@@ -320,21 +320,21 @@ def test_dead_agents_epochs_are_given_back_and_settings_are_checked(workdir):
     )
     first = StudyAgent(study, ["true"], settings)
     first.study.path.mkdir()
-    optimizer, agent = first._load()  # creates the study
+    optimizer, ledger = first._load()  # creates the study
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead_owner = {"host": first.owner["host"], "pid": gone.pid, "started": 0.0}
     lost = optimizer.claim(dead_owner)
     mine = optimizer.claim(first.owner)
-    first._save(optimizer, agent)
+    ledger.save(optimizer)
 
     joiner = StudyAgent(study, ["true"])  # no settings: joins
-    optimizer, agent = joiner._load()
+    optimizer, ledger = joiner._load()
     assert set(optimizer.running) == {lost.trial_id, mine.trial_id}
     assert joiner._reap(optimizer)  # the dead agent's epoch is given back; a live agent's is kept
     assert set(optimizer.running) == {mine.trial_id}
     assert lost.trial_id not in optimizer.trials
-    assert agent["settings"]["budget"] == 4 and agent["settings"]["mode"] == "max"
+    assert ledger.settings["budget"] == 4 and ledger.settings["mode"] == "max"
 
     with pytest.raises(FMSError, match="budget=4, not 7"):
         StudyAgent(study, ["true"], AgentSettings(budget=7))._load()

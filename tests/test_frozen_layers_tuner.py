@@ -195,8 +195,8 @@ def test_a_resumed_two_fidelity_study_makes_the_same_decisions(hub, tmp_path):
         def __init__(self, epochs):
             self.epochs = epochs
 
-        def on_epoch_end(self, tuner, trial, epoch, metrics):
-            if tuner.optimizer.epochs_spent == self.epochs:
+        def on_epoch_end(self, study, trial, epoch, metrics):
+            if study.epochs_spent == self.epochs:
                 raise KeyboardInterrupt  # as if the process died right after an epoch was committed
 
     def make(study_dir, budget, observers=()):

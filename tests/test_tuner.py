@@ -38,14 +38,14 @@ class RecordingObserver(StudyObserver):
     def __init__(self):
         self.calls = []
 
-    def on_study_start(self, tuner):
-        self.calls.append(("start", tuner.optimizer.epochs_spent))
+    def on_study_start(self, study):
+        self.calls.append(("start", study.epochs_spent))
 
-    def on_epoch_end(self, tuner, trial, epoch, metrics):
+    def on_epoch_end(self, study, trial, epoch, metrics):
         self.calls.append(("epoch", trial.id, epoch, metrics.get("val_acc")))
 
-    def on_study_end(self, tuner):
-        self.calls.append(("end", tuner.optimizer.epochs_spent))
+    def on_study_end(self, study):
+        self.calls.append(("end", study.epochs_spent))
 
 
 class SilentClassifier(ImageClassifier):

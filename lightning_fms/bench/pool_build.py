@@ -45,7 +45,7 @@ from lightning_fms.errors import FMSError
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import config_key
-from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
+from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.threads import torch_threads
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.in_process import InProcessExecutor

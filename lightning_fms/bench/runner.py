@@ -41,7 +41,7 @@ from lightning_fms.bench.peers import import_optuna
 from lightning_fms.bench.pool_data import Pool
 from lightning_fms.bench.report import ReportMeta, safe_name, write_report
 from lightning_fms.errors import FMSError
-from lightning_fms.study.directory import atomic_write_text
+from lightning_fms.study.atomic import atomic_write_text
 
 #: Version of the run record; part of every cached run's settings (bump it to invalidate cached runs).
 RUN_FORMAT = 1

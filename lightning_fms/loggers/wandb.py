@@ -37,11 +37,10 @@ from typing import TYPE_CHECKING, Any
 from lightning_fms.errors import FMSError
 from lightning_fms.observer import StudyObserver
 from lightning_fms.search.trial import TrialStatus, to_score
-from lightning_fms.study.reports import trajectory_rows
 
 if TYPE_CHECKING:
     from lightning_fms.search.trial import Trial
-    from lightning_fms.tuner import FMSTuner
+    from lightning_fms.study.view import StudyView
 
 __all__ = ["INSTALL_HINT", "WandbStudyLogger", "wandb_available"]
 
@@ -114,9 +113,9 @@ class WandbStudyLogger(StudyObserver):
         self._failed_once = False
 
     # ------------------------------------------------------------------ runs
-    def _init(self, tuner: FMSTuner, **kwargs: Any) -> Any:
+    def _init(self, study: StudyView, **kwargs: Any) -> Any:
         # always explicit: wandb caches its settings (WANDB_DIR included) at the first init of the process
-        directory = self.dir or os.environ.get("WANDB_DIR") or str(tuner.study.path)
+        directory = self.dir or os.environ.get("WANDB_DIR") or str(study.path)
         os.makedirs(directory, exist_ok=True)
         return self.wandb.init(
             project=self.project,
@@ -129,14 +128,14 @@ class WandbStudyLogger(StudyObserver):
             **kwargs,
         )
 
-    def _trial_run(self, tuner: FMSTuner, trial: Trial, epoch: int) -> Any:
+    def _trial_run(self, study: StudyView, trial: Trial, epoch: int) -> Any:
         run = self.trial_runs.get(trial.id)
         if run is not None:
             return run
         config: dict[str, Any] = {**trial.config, "trial": trial.id}
         if epoch > 1:
             config["resumed_at_epoch"] = epoch
-        run = self._init(tuner, job_type="trial", name=f"{self._group}-trial-{trial.id}", config=config)
+        run = self._init(study, job_type="trial", name=f"{self._group}-trial-{trial.id}", config=config)
         run.define_metric("epoch")
         run.define_metric("*", step_metric="epoch")
         for earlier, value in enumerate(trial.values[: epoch - 1], start=1):  # a trial resumed in a new process
@@ -144,52 +143,51 @@ class WandbStudyLogger(StudyObserver):
         self.trial_runs[trial.id] = run
         return run
 
-    def close(self, tuner: FMSTuner | None = None) -> None:
+    def close(self, study: StudyView | None = None) -> None:
         """Finish every open run (trial runs first); called by :meth:`on_study_end`."""
         for trial_id in list(self.trial_runs):
-            failed = tuner is not None and tuner.optimizer.trials[trial_id].status == TrialStatus.FAILED
+            failed = study is not None and study.trials[trial_id].status == TrialStatus.FAILED
             self.trial_runs.pop(trial_id).finish(exit_code=1 if failed else 0)
         if self.study_run is not None:
             self.study_run.finish()
             self.study_run = None
 
     # ------------------------------------------------------------------ observer hooks
-    def on_study_start(self, tuner: FMSTuner) -> None:
+    def on_study_start(self, study: StudyView) -> None:
         """Open the study run and replay what a resumed study already recorded."""
         self.close()
-        self._group = self.group or tuner.study.path.resolve().name
-        self._monitor, self._mode = tuner.monitor, tuner.mode
-        optimizer = tuner.optimizer
+        self._group = self.group or study.path.resolve().name
+        self._monitor, self._mode = study.monitor, study.mode
         config = {
-            "monitor": tuner.monitor,
-            "mode": tuner.mode,
-            "budget": optimizer.budget,
-            "max_epochs_per_trial": optimizer.cap,
-            "seed": optimizer.seed,
-            "space": optimizer.space.to_dict(),
-            "study_dir": str(tuner.study.path.resolve()),
+            "monitor": study.monitor,
+            "mode": study.mode,
+            "budget": study.budget,
+            "max_epochs_per_trial": study.max_epochs_per_trial,
+            "seed": study.seed,
+            "space": study.space.to_dict(),
+            "study_dir": str(study.path.resolve()),
         }
-        self.study_run = self._init(tuner, job_type="study", name=f"{self._group}-study", config=config)
+        self.study_run = self._init(study, job_type="study", name=f"{self._group}-study", config=config)
         self.study_run.define_metric("epochs_spent")
         self.study_run.define_metric("*", step_metric="epochs_spent")
-        for row in trajectory_rows(optimizer, _families(tuner)):
+        for row in study.trajectory():
             self.study_run.log(_study_row(row))
 
-    def on_epoch_end(self, tuner: FMSTuner, trial: Trial, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, study: StudyView, trial: Trial, epoch: int, metrics: dict[str, float]) -> None:
         """Log the epoch to the study run and to the trial's run; finish the runs of trials that ended."""
         try:
-            self._log_epoch(tuner, trial, epoch, metrics)
+            self._log_epoch(study, trial, epoch, metrics)
         except Exception as error:  # an observer only watches: W&B trouble must not stop the study
             if not self._failed_once:
                 log.warning("W&B logging failed (the study goes on): %s: %s", type(error).__name__, error)
                 self._failed_once = True
 
-    def _log_epoch(self, tuner: FMSTuner, trial: Trial, epoch: int, metrics: dict[str, float]) -> None:
-        rows = trajectory_rows(tuner.optimizer, _families(tuner))
+    def _log_epoch(self, study: StudyView, trial: Trial, epoch: int, metrics: dict[str, float]) -> None:
+        rows = study.trajectory()
         if self.study_run is not None and rows:
             self.study_run.log(_study_row(rows[-1]))
         if self.log_trials:
-            run = self._trial_run(tuner, trial, epoch)
+            run = self._trial_run(study, trial, epoch)
             succeeded = trial.status != TrialStatus.FAILED and len(trial.values) >= epoch
             record: dict[str, Any] = {k: v for k, v in metrics.items() if k not in ("epoch", "trial")}
             record["epoch"] = epoch
@@ -206,23 +204,23 @@ class WandbStudyLogger(StudyObserver):
             if trial.error:
                 run.summary["error"] = trial.error
         for trial_id in list(self.trial_runs):
-            status = tuner.optimizer.trials[trial_id].status
+            status = study.trials[trial_id].status
             if status not in _OPEN:
                 run = self.trial_runs.pop(trial_id)
                 run.summary["status"] = status.value
                 run.finish(exit_code=1 if status == TrialStatus.FAILED else 0)
 
-    def on_study_end(self, tuner: FMSTuner) -> None:
+    def on_study_end(self, study: StudyView) -> None:
         """Log the regret curve, the regret plot, the trials table and the best trial; finish every run."""
         try:
             if self.study_run is not None:
-                self._log_summary(tuner)
+                self._log_summary(study)
         finally:
-            self.close(tuner)
+            self.close(study)
 
-    def _log_summary(self, tuner: FMSTuner) -> None:
-        wandb, run, optimizer = self.wandb, self.study_run, tuner.optimizer
-        rows = [r for r in trajectory_rows(optimizer, _families(tuner)) if math.isfinite(r["best_so_far"])]
+    def _log_summary(self, study: StudyView) -> None:
+        wandb, run = self.wandb, self.study_run
+        rows = [r for r in study.trajectory() if math.isfinite(r["best_so_far"])]
         curve = []
         if rows:
             final = rows[-1]["best_so_far"]
@@ -233,10 +231,10 @@ class WandbStudyLogger(StudyObserver):
         for x, _, regret, normalised in curve:
             run.log({"epochs_spent": x, "regret": regret, "regret_normalised": normalised})
         regret_table = wandb.Table(columns=["epochs_spent", "best_so_far", "regret", "regret_normalised"], data=curve)
-        keys = list(optimizer.space)
+        keys = list(study.space)
         trial_columns = ["trial", "status", "epochs", f"best_{self._monitor}", f"last_{self._monitor}", *keys, "error"]
         trial_rows = []
-        for trial in optimizer.trials.values():
+        for trial in study.trials.values():
             scores = [to_score(v, self._mode) for v in trial.values]
             best = trial.values[max(range(len(scores)), key=scores.__getitem__)] if scores else None
             last = trial.values[-1] if trial.values else None
@@ -244,25 +242,21 @@ class WandbStudyLogger(StudyObserver):
             trial_rows.append([trial.id, trial.status.value, trial.epochs, best, last, *values, trial.error or ""])
         run.log(
             {
-                "epochs_spent": optimizer.epochs_spent,
+                "epochs_spent": study.epochs_spent,
                 "regret_plot": wandb.plot.line(
                     regret_table, "epochs_spent", "regret", title=f"regret to the best {self._monitor} found"
                 ),
                 "trials": wandb.Table(columns=trial_columns, data=trial_rows),
             }
         )
-        best = optimizer.best()
-        run.summary["epochs_spent"] = optimizer.epochs_spent
-        run.summary["trials_started"] = len(optimizer.trials)
+        best = study.best
+        run.summary["epochs_spent"] = study.epochs_spent
+        run.summary["trials_started"] = len(study.trials)
         if best is not None:
             run.summary["best_value"] = best.value
             run.summary["best_trial"] = best.trial_id
             run.summary["best_epoch"] = best.epoch
-            run.summary["best_config"] = dict(optimizer.trials[best.trial_id].config)
-
-
-def _families(tuner: FMSTuner) -> dict[str, str]:
-    return {} if tuner.hub is None else {entry.name: entry.family for entry in tuner.hub}
+            run.summary["best_config"] = dict(study.trials[best.trial_id].config)
 
 
 def _study_row(row: dict[str, Any]) -> dict[str, Any]:

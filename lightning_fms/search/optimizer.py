@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
 
 from lightning_fms.errors import FMSError
 from lightning_fms.frozen.levels import FrozenLayers
+from lightning_fms.search.decision import ClaimedEpoch, Decision, Suggestion, SuggestionKind
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
 from lightning_fms.search.searcher import Searcher, SelectionContext, SurrogateSearcher
 from lightning_fms.search.seeds import derive_seed
@@ -36,30 +36,6 @@ from lightning_fms.search.trial import Trial, TrialStatus, config_key, to_score
 
 STATE_VERSION = 1
 _SLACK = 1e-9
-
-
-class SuggestionKind(str, Enum):
-    """What a suggestion asks for."""
-
-    START = "start"
-    RESUME = "resume"
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    """Train epoch ``epoch`` (1-based) of trial ``trial_id``, whose configuration is ``config``.
-
-    ``kind`` is ``START`` for a trial's first epoch (from the hub entry's pretrained weights) and
-    ``RESUME`` for a later one (from the trial's checkpoint after ``epoch - 1``).
-    """
-
-    kind: SuggestionKind
-    trial_id: int
-    config: dict[str, Any]
-    epoch: int
-    decision: int
-    fraction: float = 1.0
-    """Share of layer units to train in this epoch (< 1 only with the frozen-layer fidelity)."""
 
 
 @dataclass(frozen=True)
@@ -148,12 +124,11 @@ class FreezeThawOptimizer:
         self.decisions: list[dict[str, Any]] = []
         self.epochs_spent = 0
         self.budget_spent = 0.0
-        self._pending: Suggestion | None = None
-        self._pending_info: dict[str, Any] = {}
+        self._pending: Decision | None = None
         self._searcher_state_after_ask: dict[str, Any] | None = None
         self._searcher_state_committed: dict[str, Any] = {}
         self.stopped_by_limit: list[int] = []
-        self.running: dict[int, dict[str, Any]] = {}
+        self.running: dict[int, ClaimedEpoch] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -164,7 +139,8 @@ class FreezeThawOptimizer:
     @property
     def pending(self) -> Suggestion | None:
         """The suggestion handed out by :meth:`ask` and not yet told."""
-        return self._pending
+        pending = self._pending
+        return None if pending is None else pending.suggestion(self.trials[pending.trial_id].config)
 
     def best(self) -> Observation | None:
         """The best value recorded at any epoch of any trial (ties: the earliest)."""
@@ -276,34 +252,30 @@ class FreezeThawOptimizer:
             raise RuntimeError(f"trial {self._pending.trial_id} epoch {self._pending.epoch} was asked and not told")
         if self.is_done:
             return None
-        decision = len(self.decisions)
-        choice = self._choose(decision)
-        if choice is None:
+        decision = self._choose(len(self.decisions))
+        if decision is None:
             return None
-        trial, kind, epoch, info = choice
-        fraction = float(info.get("trainable_fraction", 1.0))
-        self._pending = Suggestion(kind, trial.id, dict(trial.config), epoch, decision, fraction)
-        self._pending_info = info
+        self._pending = decision
         self._searcher_state_after_ask = self.searcher.state_dict()
-        return self._pending
+        return self.pending
 
-    def _choose(self, decision: int) -> tuple[Trial, SuggestionKind, int, dict[str, Any]] | None:
-        """Pick the next epoch (startup draws, then the searcher) and mark its trial running.
+    def _choose(self, index: int) -> Decision | None:
+        """Decision ``index``: pick the next epoch (startup draws, then the searcher) and mark its trial running.
 
         Returns:
-            ``(trial, kind, epoch, info)``, or ``None`` when no candidate is left.
+            The decision, or ``None`` when no candidate is left.
         """
-        candidates = self.candidates(decision)
+        candidates = self.candidates(index)
         if not candidates:
             return None
         if len(self.trials) < self.num_startup_trials:
             fresh = [i for i, c in enumerate(candidates) if c.trial_id is None]
-            index, info = (fresh[0] if fresh else 0), {"surrogate_s": 0.0}
+            position, diagnostics = (fresh[0] if fresh else 0), {"surrogate_s": 0.0}
         else:
             context = self._context()
-            selection = self.searcher.select(context, candidates, derive_seed(self.seed, "surrogate", decision))
-            index, info = selection.index, selection.info
-        chosen = candidates[index]
+            selection = self.searcher.select(context, candidates, derive_seed(self.seed, "surrogate", index))
+            position, diagnostics = selection.index, selection.info
+        chosen = candidates[position]
         if chosen.trial_id is None:
             trial = Trial(id=max(self.trials, default=-1) + 1, config=dict(chosen.config))
             self.trials[trial.id] = trial
@@ -312,10 +284,17 @@ class FreezeThawOptimizer:
             trial = self.trials[chosen.trial_id]
             kind = SuggestionKind.RESUME
         trial.status = TrialStatus.RUNNING
-        info = {"candidates": len(candidates), **info}
-        if self.frozen_layers is not None:
-            info.update(trainable_fraction=chosen.fraction, cost=chosen.cost)
-        return trial, kind, chosen.epoch, info
+        return Decision(
+            index=index,
+            trial_id=trial.id,
+            kind=kind,
+            epoch=chosen.epoch,
+            candidates=len(candidates),
+            fraction=float(chosen.fraction),
+            cost=chosen.cost,
+            frozen_layers=self.frozen_layers is not None,
+            diagnostics=tuple(diagnostics.items()),
+        )
 
     def _context(self) -> SelectionContext:
         return SelectionContext(
@@ -328,58 +307,56 @@ class FreezeThawOptimizer:
         A value that is not finite marks the trial failed. Returns the ids of trials stopped to respect
         ``max_paused_trials`` (their checkpoints may be deleted).
         """
-        trial = self._check_pending(trial_id, epoch)
-        if not math.isfinite(value):
-            return self.tell_failure(trial_id, epoch, f"monitored value is {value} at epoch {epoch}", wall_s)
-        trial.values.append(float(value))
-        trial.wall_s.append(float(wall_s))
-        self._record_fraction(trial)
-        trial.status = TrialStatus.FINISHED if trial.epochs >= self.cap else TrialStatus.PAUSED
-        self._commit(trial, epoch, float(value), wall_s)
-        return self._enforce_paused_limit()
+        decision = self._check_pending(trial_id, epoch)
+        self._end_pending()
+        return self._record(decision, value, wall_s, error=None)
 
     def tell_failure(self, trial_id: int, epoch: int, error: str, wall_s: float = 0.0) -> list[int]:
         """Record that ``epoch`` of ``trial_id`` failed with ``error``; the epoch still counts against the budget."""
-        trial = self._check_pending(trial_id, epoch)
-        trial.status = TrialStatus.FAILED
-        trial.error = error.strip().splitlines()[0][:500] if error.strip() else "failed"
-        trial.wall_s.append(float(wall_s))
-        self._record_fraction(trial)
-        self._commit(trial, epoch, math.nan, wall_s)
-        return []
+        decision = self._check_pending(trial_id, epoch)
+        self._end_pending()
+        return self._record(decision, math.nan, wall_s, error=error)
 
-    def _check_pending(self, trial_id: int, epoch: int) -> Trial:
+    def _check_pending(self, trial_id: int, epoch: int) -> Decision:
         pending = self._pending
         if pending is None or pending.trial_id != trial_id or pending.epoch != epoch:
             expected = "nothing" if pending is None else f"trial {pending.trial_id} epoch {pending.epoch}"
             raise RuntimeError(f"told trial {trial_id} epoch {epoch}, but {expected} was asked")
-        return self.trials[trial_id]
+        return pending
 
-    def _record_fraction(self, trial: Trial) -> None:
-        if self.frozen_layers is not None:
-            assert self._pending is not None
-            trial.fractions.append(self._pending.fraction)
-
-    def _commit(self, trial: Trial, epoch: int, value: float, wall_s: float) -> None:
-        assert self._pending is not None
-        self.epochs_spent += 1
-        self.budget_spent += float(self._pending_info.get("cost", 1.0))
-        self.decisions.append(
-            {
-                "decision": self._pending.decision,
-                "kind": self._pending.kind.value,
-                "trial": trial.id,
-                "epoch": epoch,
-                "value": value,
-                "epochs_spent": self.epochs_spent,
-                "budget_spent": self.budget_spent,
-                "wall_s": float(wall_s),
-                **self._pending_info,
-            }
-        )
+    def _end_pending(self) -> None:
+        """The asked decision is told: the searcher state after its ask becomes the committed one."""
         self._searcher_state_committed = self._searcher_state_after_ask or {}
         self._pending = None
-        self._pending_info = {}
+
+    def _record(self, decision: Decision, value: float, wall_s: float, error: str | None) -> list[int]:
+        """Commit a decision's outcome (``tell``/``tell_failure`` and ``complete`` alike).
+
+        The trial gets the value (or fails, also when the value is not finite), the budget is charged the
+        decision's cost, the decision log gets its entry, and paused trials beyond ``max_paused_trials`` are
+        stopped.
+
+        Returns:
+            The ids of the trials stopped by ``max_paused_trials``.
+        """
+        trial = self.trials[decision.trial_id]
+        if error is None and not math.isfinite(value):
+            error = f"monitored value is {value} at epoch {decision.epoch}"
+        if error is None:
+            value = float(value)
+            trial.values.append(value)
+            trial.status = TrialStatus.FINISHED if trial.epochs >= self.cap else TrialStatus.PAUSED
+        else:
+            value = math.nan
+            trial.status = TrialStatus.FAILED
+            trial.error = error.strip().splitlines()[0][:500] if error.strip() else "failed"
+        trial.wall_s.append(float(wall_s))
+        if self.frozen_layers is not None:
+            trial.fractions.append(decision.fraction)
+        self.epochs_spent += 1
+        self.budget_spent += float(decision.cost)
+        self.decisions.append(decision.log_entry(value, self.epochs_spent, self.budget_spent, wall_s))
+        return self._enforce_paused_limit() if error is None else []
 
     def _enforce_paused_limit(self) -> list[int]:
         if self.max_paused_trials is None:
@@ -399,13 +376,16 @@ class FreezeThawOptimizer:
         pending = self._pending
         if pending is None:
             return
-        if pending.kind == SuggestionKind.START:
-            del self.trials[pending.trial_id]
-        else:
-            self.trials[pending.trial_id].status = TrialStatus.PAUSED
+        self._forget(pending)
         self._pending = None
-        self._pending_info = {}
         self.searcher.load_state_dict(self._searcher_state_committed)
+
+    def _forget(self, decision: Decision) -> None:
+        """Undo a decision's choice: the trial it started is removed, the trial it resumed is paused again."""
+        if decision.kind == SuggestionKind.START:
+            del self.trials[decision.trial_id]
+        else:
+            self.trials[decision.trial_id].status = TrialStatus.PAUSED
 
     # ------------------------------------------------------------------ persistence
     def settings(self) -> dict[str, Any]:
@@ -426,7 +406,7 @@ class FreezeThawOptimizer:
             "budget_spent": self.budget_spent,
             "stopped_by_limit": list(self.stopped_by_limit),
             "searcher": self._searcher_state_committed,
-            **({"running": {str(k): dict(v) for k, v in self.running.items()}} if self.running else {}),
+            **({"running": {str(k): v.to_record() for k, v in self.running.items()}} if self.running else {}),
         }
 
     def _committed_trials(self) -> list[dict[str, Any]]:
@@ -467,7 +447,7 @@ class FreezeThawOptimizer:
         self._searcher_state_committed = state.get("searcher", {})
         self.searcher.load_state_dict(self._searcher_state_committed)
         self._pending = None
-        self.running = {int(k): dict(v) for k, v in state.get("running", {}).items()}
+        self.running = {int(k): ClaimedEpoch.from_record(int(k), v) for k, v in state.get("running", {}).items()}
         for trial_id in self.running:
             self.trials[trial_id].status = TrialStatus.RUNNING
 
@@ -490,43 +470,25 @@ class FreezeThawOptimizer:
             raise FMSError("the frozen-layer fidelity is not supported with several workers sharing a study yet")
         if self.epochs_spent + len(self.running) >= self.budget:
             return None
-        decision = len(self.decisions) + len(self.running)
-        choice = self._choose(decision)
-        if choice is None:
+        decision = self._choose(len(self.decisions) + len(self.running))
+        if decision is None:
             return None
-        trial, kind, epoch, info = choice
         self._searcher_state_committed = self.searcher.state_dict()
-        self.running[trial.id] = {
-            "kind": kind.value,
-            "epoch": epoch,
-            "decision": decision,
-            "info": info,
-            "owner": dict(owner),
-        }
-        return Suggestion(kind, trial.id, dict(trial.config), epoch, decision)
+        self.running[decision.trial_id] = ClaimedEpoch(decision, dict(owner))
+        return decision.suggestion(self.trials[decision.trial_id].config)
 
     def complete(
         self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0, error: str | None = None
     ) -> list[int]:
         """Record the outcome of an epoch from :meth:`claim` (``error`` set: it failed); see :meth:`tell`."""
-        record = self.running.get(trial_id)
-        if record is None or record["epoch"] != epoch:
+        claimed = self.running.get(trial_id)
+        if claimed is None or claimed.decision.epoch != epoch:
             raise RuntimeError(f"trial {trial_id} epoch {epoch} is not running")
         del self.running[trial_id]
-        kind = SuggestionKind(record["kind"])
-        self._pending = Suggestion(kind, trial_id, dict(self.trials[trial_id].config), epoch, record["decision"])
-        self._pending_info = dict(record.get("info", {}))
-        self._searcher_state_after_ask = self._searcher_state_committed
-        if error is not None:
-            return self.tell_failure(trial_id, epoch, error, wall_s)
-        return self.tell(trial_id, epoch, value, wall_s)
+        return self._record(claimed.decision, value, wall_s, error)
 
     def release(self, trial_id: int) -> None:
         """Give an epoch from :meth:`claim` back untrained (its worker died): the trial is paused again or forgotten."""
-        record = self.running.pop(trial_id, None)
-        if record is None:
-            return
-        if record["kind"] == SuggestionKind.START.value:
-            del self.trials[trial_id]
-        else:
-            self.trials[trial_id].status = TrialStatus.PAUSED
+        claimed = self.running.pop(trial_id, None)
+        if claimed is not None:
+            self._forget(claimed.decision)

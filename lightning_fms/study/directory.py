@@ -1,90 +1,75 @@
-"""The study directory: one owner at a time, state written atomically, checkpoints verified.
+"""The study directory: who may use it (locks), the state file, and the paths inside.
 
 Layout::
 
     <study_dir>/
-      .lock              held (flock) by the tuner that owns the study
+      .lock              flock: held exclusively by ``lightning-fms tune``, shared by every ``lightning-fms agent``
+      .agents.lock       flock: the agents' short critical section (load state → choose/record → save state)
       state.pt           the authoritative state (tensors, lists, dicts, scalars; read with weights_only=True)
       study.json         the same state as readable JSON (informational, rewritten with state.pt)
       results.json, trajectory.csv, regret.png
       best.ckpt          checkpoint of the best epoch so far
-      trials/<id>/       last.ckpt (the trial's newest checkpoint), logs/ (Lightning CSV logs)
+      trials/<id>/       epoch-<k>.ckpt (a paused trial's newest checkpoint), logs/ (Lightning CSV logs)
       weights/           weight snapshots for the featurizer (safetensors)
 
-A write goes to a temporary file that is flushed, synced and renamed over the old one, so a process
-killed at any moment leaves either the old or the new file, never a torn one.
+Every file is written with :mod:`lightning_fms.study.atomic`, so a process killed at any moment leaves
+either the old or the new file, never a torn one. Which checkpoints exist is the ledger's business
+(:mod:`lightning_fms.study.ledger`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import hashlib
-import io
 import json
-import math
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
-from lightning_fms.search.trial import to_score
+from lightning_fms.study.atomic import atomic_output, atomic_write_text, sha256_file
 
+# the study's writers import these from here as well as from lightning_fms.study.atomic (one implementation)
+__all__ = ["StudyDirectory"]
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text form of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode())
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+STUDY_LOCK = ".lock"
+AGENTS_LOCK = ".agents.lock"
 
 
 class StudyDirectory:
-    """Owns a study directory: the lock, the state file and the paths inside.
+    """Owns a study directory: its locks, the state file and the paths inside.
 
     Args:
-        path: The study directory (created if missing).
+        path: The study directory (created when it is first locked or joined).
     """
 
     STATE_FILE = "state.pt"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
-        self._lock_handle: io.TextIOWrapper | None = None
+        self._lock_handle: IO[str] | None = None
 
-    # ------------------------------------------------------------------ lock
-    def lock(self) -> None:
-        """Take the study for this process.
-
-        Raises:
-            StudyLockedError: another process holds it. The lock dies with its process, so a tuner
-                killed with SIGKILL never leaves a stale lock.
-            FMSError: the directory cannot be created.
-        """
+    # ------------------------------------------------------------------ locks
+    def _open_lock(self) -> IO[str]:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise FMSError(f"cannot create study directory {self.path}: {error.strerror}") from None
-        handle = open(self.path / ".lock", "a+")
+        return open(self.path / STUDY_LOCK, "a+")  # noqa: SIM115 - held until unlock()
+
+    def lock(self) -> None:
+        """Take the study for this process alone (``lightning-fms tune``).
+
+        Raises:
+            StudyLockedError: another process holds it (a tuner, or agents). The lock dies with its
+                process, so a tuner killed with SIGKILL never leaves a stale lock.
+            FMSError: the directory cannot be created.
+        """
+        handle = self._open_lock()
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,12 +86,38 @@ class StudyDirectory:
         handle.flush()
         self._lock_handle = handle
 
+    def join(self) -> None:
+        """Share the study with other agents for this process's whole run (``lightning-fms agent``).
+
+        Raises:
+            FMSError: a tuner holds the study exclusively, or the directory cannot be created.
+        """
+        handle = self._open_lock()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FMSError(
+                f"study directory {self.path} is in use by lightning-fms tune; agents cannot join it"
+            ) from None
+        self._lock_handle = handle
+
     def unlock(self) -> None:
-        """Release the lock (also released when the process dies)."""
+        """Release the lock taken by :meth:`lock` or :meth:`join` (also released when the process dies)."""
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
             self._lock_handle.close()
             self._lock_handle = None
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """The agents' critical section: one agent at a time loads, changes and saves the state inside it."""
+        with open(self.path / AGENTS_LOCK, "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def __enter__(self) -> StudyDirectory:
         self.lock()
@@ -118,9 +129,8 @@ class StudyDirectory:
     # ------------------------------------------------------------------ state
     def save_state(self, state: dict[str, Any]) -> None:
         """Persist ``state`` atomically (plus a readable ``study.json``)."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.path / self.STATE_FILE, buffer.getvalue())
+        with atomic_output(self.path / self.STATE_FILE) as tmp:
+            torch.save(state, tmp)
         readable = {k: v for k, v in state.items() if k in ("settings", "trials", "decisions", "epochs_spent", "tuner")}
         atomic_write_text(self.path / "study.json", json.dumps(readable, indent=1, default=str))
 
@@ -145,10 +155,6 @@ class StudyDirectory:
         """Directory of one trial."""
         return self.path / "trials" / f"{trial_id:04d}"
 
-    def checkpoint_path(self, trial_id: int) -> Path:
-        """The trial's newest checkpoint."""
-        return self.trial_dir(trial_id) / "last.ckpt"
-
     @property
     def best_checkpoint_path(self) -> Path:
         """Copy of the checkpoint of the best epoch so far."""
@@ -159,30 +165,6 @@ class StudyDirectory:
         """Where weight snapshots for the featurizer live."""
         return self.path / "weights"
 
-    def keep_if_best(
-        self, best: dict[str, Any] | None, checkpoint: Path, trial_id: int, epoch: int, value: float, mode: str
-    ) -> dict[str, Any] | None:
-        """Copy ``checkpoint`` to ``best.ckpt`` when ``value`` beats ``best``.
-
-        Returns:
-            The best record after this epoch: ``{"trial", "epoch", "value"}`` (``best`` when not beaten).
-        """
-        if best is not None and to_score(value, mode) <= to_score(best["value"], mode):
-            return best
-        if not math.isfinite(value):
-            return best
-        atomic_write_bytes(self.best_checkpoint_path, checkpoint.read_bytes())
-        return {"trial": trial_id, "epoch": epoch, "value": value}
-
-    def delete_checkpoints_except(self, trial_id: int, keep: Path | None) -> None:
-        """Delete the trial's checkpoint files other than ``keep`` (all of them when ``keep`` is None)."""
-        trial_dir = self.trial_dir(trial_id)
-        if not trial_dir.exists():
-            return
-        for path in trial_dir.glob("*.ckpt"):
-            if keep is None or path != keep:
-                path.unlink(missing_ok=True)
-
     def verify_checkpoint(self, path: Path, sha256: str | None) -> None:
         """Check that a checkpoint is the one the study wrote.
 
@@ -191,5 +173,5 @@ class StudyDirectory:
         """
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} is missing")
-        if sha256 is not None and file_sha256(path) != sha256:
+        if sha256 is not None and sha256_file(path) != sha256:
             raise CheckpointError(f"checkpoint {path} was modified after the study wrote it (sha256 mismatch)")

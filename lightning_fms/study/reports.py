@@ -6,14 +6,17 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning_fms.search.trial import to_score
-from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
+from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from lightning_fms.search.optimizer import FreezeThawOptimizer
+    from lightning_fms.search.space import SearchSpace
+    from lightning_fms.search.trial import Trial
 
 TRAJECTORY_COLUMNS = (
     "epochs_spent",
@@ -32,18 +35,34 @@ TRAJECTORY_COLUMNS = (
 )
 
 
-def trajectory_rows(optimizer: FreezeThawOptimizer, families: dict[str, str]) -> list[dict[str, Any]]:
+class DecisionLog(Protocol):
+    """What a trajectory is read from: a ``FreezeThawOptimizer`` or a :class:`~lightning_fms.study.view.StudyView`.
+
+    Attributes:
+        space: The search space.
+        mode: ``"max"`` or ``"min"``.
+        trials: Every trial by id.
+        decisions: The decision log, one entry per trained epoch.
+    """
+
+    space: SearchSpace
+    mode: str
+    trials: Mapping[int, Trial]
+    decisions: Sequence[Mapping[str, Any]]
+
+
+def trajectory_rows(study: DecisionLog, families: Mapping[str, str]) -> list[dict[str, Any]]:
     """One row per trained epoch, in the order they were trained, with the best value so far."""
     rows = []
     best = math.nan
-    hub_key = optimizer.space.hub_key
-    for decision in optimizer.decisions:
+    hub_key = study.space.hub_key
+    for decision in study.decisions:
         value = float(decision["value"])
         if math.isfinite(value) and (
-            not math.isfinite(best) or to_score(value, optimizer.mode) > to_score(best, optimizer.mode)
+            not math.isfinite(best) or to_score(value, study.mode) > to_score(best, study.mode)
         ):
             best = value
-        config = optimizer.trials[decision["trial"]].config
+        config = study.trials[decision["trial"]].config
         entry = str(config.get(hub_key, "")) if hub_key else ""
         rows.append(
             {
@@ -65,7 +84,7 @@ def trajectory_rows(optimizer: FreezeThawOptimizer, families: dict[str, str]) ->
     return rows
 
 
-def write_trajectory(path: Path, optimizer: FreezeThawOptimizer, families: dict[str, str]) -> None:
+def write_trajectory(path: Path, optimizer: FreezeThawOptimizer, families: Mapping[str, str]) -> None:
     """Write ``trajectory.csv`` (columns :data:`TRAJECTORY_COLUMNS`)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=TRAJECTORY_COLUMNS)
@@ -79,7 +98,7 @@ def write_results(
     optimizer: FreezeThawOptimizer,
     best_checkpoint: Path | None,
     monitor: str,
-    families: dict[str, str],
+    families: Mapping[str, str],
 ) -> dict[str, Any]:
     """Write ``results.json``: the best trial, epochs spent, time split, per-family epochs, per-trial summary."""
     hub_key = optimizer.space.hub_key

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_fms.errors import CheckpointError
+from lightning_fms.study.atomic import atomic_output
 
 SnapshotKey = tuple[Hashable, ...]
 
@@ -42,11 +43,8 @@ class WeightSnapshots:
         """Store a snapshot (tensors are copied to contiguous CPU memory)."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / _file_name(key)
-            tmp = path.with_suffix(".tmp")
-            save_file(state, str(tmp))
-            tmp.replace(path)
+            with atomic_output(self.directory / _file_name(key)) as tmp:
+                save_file(state, str(tmp))
         self._known.add(key)
         self._remember(key, state)
 

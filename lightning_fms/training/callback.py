@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_fms.study.directory import atomic_write_text
+from lightning_fms.study.atomic import atomic_write_text, replace_atomically, temporary_path
 
 ENV_STUDY_DIR = "LIGHTNING_FMS_STUDY_DIR"
 ENV_TRIAL = "LIGHTNING_FMS_TRIAL"
@@ -148,10 +148,10 @@ class FMSCheckpointCallback(Callback):
             return
         checkpoint = self.agent_env.get(ENV_CHECKPOINT)
         if checkpoint:
-            tmp = f"{checkpoint}.tmp"
+            tmp = temporary_path(checkpoint, per_process=False)  # the same name on every rank
             trainer.save_checkpoint(tmp)
             if trainer.is_global_zero:
-                os.replace(tmp, checkpoint)
+                replace_atomically(tmp, checkpoint)
         if trainer.is_global_zero:
             last = self.last
             result: dict[str, Any] = {

@@ -14,7 +14,6 @@ datamodule factories (:meth:`InProcessExecutor.from_factories`), or a ``Lightnin
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning_fms.frozen.costs import fraction_costs
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.seeds import seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
+from lightning_fms.study.atomic import atomic_output
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.executor import EpochJob, EpochOutcome
 from lightning_fms.training.quiet import quiet_lightning
@@ -230,9 +230,7 @@ class InProcessExecutor:
             outcome.error = report.error or divergence(trainer, module)
             outcome.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if outcome.error is None:
-            job.checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = job.checkpoint_out.with_name(f".{job.checkpoint_out.name}.tmp")
-            trainer.save_checkpoint(tmp, weights_only=False)
-            os.replace(tmp, job.checkpoint_out)
+            with atomic_output(job.checkpoint_out) as tmp:
+                trainer.save_checkpoint(tmp, weights_only=False)
         outcome.wall_s = time.perf_counter() - start
         return outcome

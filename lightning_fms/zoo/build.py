@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub, _import_module_class, sha256_file
+from lightning_fms.study.atomic import atomic_output
 from lightning_fms.threads import torch_threads
 from lightning_fms.training.quiet import quiet_lightning
 
@@ -210,9 +211,8 @@ def build_hub(
         val_acc = float(trainer.callback_metrics.get("val_acc", torch.tensor(float("nan"))))
         state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
         weights = out / f"{spec['name']}.safetensors"
-        tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, weights)
+        with atomic_output(weights) as tmp:
+            save_file(state, str(tmp))
         params = sum(p.numel() for p in net.parameters())
         hub_entries.append(
             HubEntry(
