@@ -9,64 +9,17 @@ from torch import nn
 
 from lightning_fms.errors import FMSError
 from lightning_fms.frozen.callback import FrozenUnits
+from lightning_fms.frozen.units import layer_units
 from lightning_fms.training.quiet import quiet_lightning
 from lightning_fms.training.seeder import TrialSeeder
 from lightning_fms.zoo import MLP, DeepSets, DigitsDataModule, ImageClassifier, SmallCNN, TinyResNet, TinyViT
 
-BLOCK1 = ["conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"]
-BLOCK2 = BLOCK1 + ["shortcut.0.weight", "shortcut.1.weight", "shortcut.1.bias"]
-VIT_BLOCK = [
-    "self_attn.in_proj_weight",
-    "self_attn.in_proj_bias",
-    "self_attn.out_proj.weight",
-    "self_attn.out_proj.bias",
-    "linear1.weight",
-    "linear1.bias",
-    "linear2.weight",
-    "linear2.bias",
-    "norm1.weight",
-    "norm1.bias",
-    "norm2.weight",
-    "norm2.bias",
-]
 
-# Hand-written: (unit name, parameter names) from the input side to the output side.
-EXPECTED_UNITS = {
-    "MLP": [
-        ("features.1", ["features.1.weight", "features.1.bias"]),
-        ("features.3", ["features.3.weight", "features.3.bias"]),
-        ("head", ["head.weight", "head.bias"]),
-    ],
-    "SmallCNN": [
-        ("features.0", ["features.0.weight", "features.0.bias"]),
-        ("features.3", ["features.3.weight", "features.3.bias"]),
-        ("head", ["head.weight", "head.bias"]),
-    ],
-    "TinyResNet": [
-        ("features.0.0", ["features.0.0.weight"]),
-        ("features.0.1", ["features.0.1.weight", "features.0.1.bias"]),
-        ("features.1.0", [f"features.1.0.{n}" for n in BLOCK1]),
-        ("features.2.0", [f"features.2.0.{n}" for n in BLOCK2]),
-        ("head", ["head.weight", "head.bias"]),
-    ],
-    "TinyViT": [
-        (
-            "features.patch_embed",
-            ["features.cls_token", "features.pos_embed", "features.patch_embed.weight", "features.patch_embed.bias"],
-        ),
-        ("features.blocks.0", [f"features.blocks.0.{n}" for n in VIT_BLOCK]),
-        ("features.blocks.1", [f"features.blocks.1.{n}" for n in VIT_BLOCK]),
-        ("features.norm", ["features.norm.weight", "features.norm.bias"]),
-        ("head", ["head.weight", "head.bias"]),
-    ],
-    "DeepSets": [
-        ("features.phi.0", ["features.phi.0.weight", "features.phi.0.bias"]),
-        ("features.phi.2", ["features.phi.2.weight", "features.phi.2.bias"]),
-        ("features.norm", ["features.norm.weight", "features.norm.bias"]),
-        ("features.rho.0", ["features.rho.0.weight", "features.rho.0.bias"]),
-        ("head", ["head.weight", "head.bias"]),
-    ],
-}
+def expected_units(arch: str) -> list[tuple[str, list[str]]]:
+    """The unit list the callback must follow (pinned against hand-written lists in test_units.py)."""
+    return [(unit.name, list(unit.parameter_names)) for unit in layer_units(NETS[arch]())]
+
+
 NETS = {"MLP": MLP, "SmallCNN": SmallCNN, "TinyResNet": TinyResNet, "TinyViT": TinyViT, "DeepSets": DeepSets}
 
 
@@ -118,11 +71,11 @@ def test_frozen_parameters_and_batchnorm_statistics_do_not_move_in_a_real_fit(ar
     callback = FrozenUnits(k)
     with quiet_lightning():
         _trainer(2, [callback, TrialSeeder(0)]).fit(model, datamodule=DigitsDataModule(batch_size=32))
-    trainable = [n for _, names in EXPECTED_UNITS[arch][-k:] for n in names]
-    assert callback.trainable_names == trainable and callback.num_units == len(EXPECTED_UNITS[arch])
+    trainable = [n for _, names in expected_units(arch)[-k:] for n in names]
+    assert callback.trainable_names == trainable and callback.num_units == len(expected_units(arch))
     for name, param in model.net.named_parameters():
         assert torch.equal(param, params[name]) == (name not in trainable), name
-    trainable_units = [u for u, _ in EXPECTED_UNITS[arch][-k:]]
+    trainable_units = [u for u, _ in expected_units(arch)[-k:]]
     for name, value in _running_stats(model.net).items():
         in_trainable_unit = any(name.startswith(f"{u}.") for u in trainable_units)
         assert torch.equal(value, stats[name]) == (not in_trainable_unit), name
@@ -150,7 +103,7 @@ class _OptimizerProbe(pl.Callback):
 
 
 def test_resume_with_more_units_thawed_continues_exactly(tmp_path) -> None:
-    arch, n = "TinyResNet", len(EXPECTED_UNITS["TinyResNet"])
+    arch, n = "TinyResNet", len(expected_units("TinyResNet"))
     datamodule = DigitsDataModule(batch_size=32)
 
     straight = _classifier(arch)
