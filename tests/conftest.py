@@ -12,6 +12,19 @@ import yaml
 from lightning_fms.testing import tiny_hub
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs at one intra-op thread.
+
+    The models are tiny, so more threads only cost hand-offs on a shared 2-core machine; and float reductions
+    depend on the thread count, so results pinned bit for bit (tests/test_pinned_decisions.py) hold at one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """A tiny pretrained hub (3 families x 2 entries), built once per test session."""
@@ -82,7 +95,6 @@ def cli_dir(hub, tmp_path_factory):
 @pytest.fixture
 def in_cli_dir(cli_dir, monkeypatch):
     """Run in the copy of recipes/cli, with its ``digits`` module importable."""
-    torch.set_num_threads(1)
     monkeypatch.chdir(cli_dir)
     monkeypatch.syspath_prepend(str(cli_dir))
     monkeypatch.setattr(sys, "argv", ["train.py"])

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
@@ -59,17 +58,8 @@ def run_study(hub, study_dir: Path) -> list[dict]:
     ]
 
 
-@pytest.fixture
-def one_thread():
-    """Float reductions depend on the thread count, so the pin holds at one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.slow
-def test_first_30_decisions_are_pinned(hub, tmp_path, one_thread):
+def test_first_30_decisions_are_pinned(hub, tmp_path):
     decisions = run_study(hub, tmp_path / "study")
     if os.environ.get("LIGHTNING_FMS_REPIN"):
         PIN.write_text(json.dumps(decisions, indent=1) + "\n")

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import FAST_SURROGATE
 from test_lightning_cli import FAST, make_cli
@@ -28,7 +27,6 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_DIR", raising=False)  # runs then go to the study directory
-    torch.set_num_threads(1)
     return home
 
 

@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE, EPOCHS = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def task_dict(hub_file: Path, **pool) -> dict:
     data = recipe_dict(hub_file, max_epochs_per_trial=pool.get("epochs", EPOCHS))
     data["data"]["init_args"]["test_fraction"] = 0.25

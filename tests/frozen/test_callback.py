@@ -23,14 +23,6 @@ def expected_units(arch: str) -> list[tuple[str, list[str]]]:
 NETS = {"MLP": MLP, "SmallCNN": SmallCNN, "TinyResNet": TinyResNet, "TinyViT": TinyViT, "DeepSets": DeepSets}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _trainable(net: nn.Module) -> list[str]:
     return [name for name, p in net.named_parameters() if p.requires_grad]
 

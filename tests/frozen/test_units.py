@@ -73,14 +73,6 @@ EXPECTED_UNITS = {
 NETS = {"MLP": MLP, "SmallCNN": SmallCNN, "TinyResNet": TinyResNet, "TinyViT": TinyViT, "DeepSets": DeepSets}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _trainable(net: nn.Module) -> list[str]:
     return [name for name, p in net.named_parameters() if p.requires_grad]
 

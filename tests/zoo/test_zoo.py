@@ -39,15 +39,6 @@ ARCHITECTURES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: extra intra-op threads only cost time, a lot of it on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _quiet_trainer(**kwargs) -> pl.Trainer:
     options = {
         "accelerator": "cpu",
