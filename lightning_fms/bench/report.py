@@ -115,7 +115,8 @@ def _ranks(means: Mapping[str, tuple[float, float]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-_FAMILIES = ("fms-gmn", "fms-nfn", "fms-flat", "fms-stats", "dyhpo", "gp", "random", "hyperband", "asha", "optuna")
+#: One colour slot per method family (an FMS variant and its ``-nocnn`` ablation are one family), in report order.
+_FAMILIES = tuple(dict.fromkeys(name.removesuffix("-nocnn") for name in METHODS))
 
 
 def _style(method: str, index: int) -> dict[str, Any]:
