@@ -29,6 +29,7 @@ import numpy as np
 
 from lightning_fms.bench.methods import METHODS
 from lightning_fms.bench.metrics import epochs_grid, mean_ci, step_resample, wall_grid
+from lightning_fms.extras import import_optional
 from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
 
 #: Regret 0 is drawn at this value on log axes.
@@ -329,8 +330,7 @@ def write_report(
     Returns:
         ``(summary path, figure paths)``.
     """
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "plots", "the benchmark's figures")
     matplotlib.use("Agg")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_fms.errors import FMSError
+from lightning_fms.extras import import_optional
 from lightning_fms.search.trial import to_score
 from lightning_fms.study.directory import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from lightning_fms.search.optimizer import FreezeThawOptimizer
+
+log = logging.getLogger(__name__)
 
 TRAJECTORY_COLUMNS = (
     "epochs_spent",
@@ -140,9 +145,15 @@ def write_results(
 
 
 def write_regret_plot(path: Path, optimizer: FreezeThawOptimizer, monitor: str) -> None:
-    """Write ``regret.png``: best value so far, and its regret to the best value the study found, per epoch spent."""
-    import matplotlib
+    """Write ``regret.png``: best value so far, and its regret to the best value the study found, per epoch spent.
 
+    Without matplotlib (the ``plots`` extra) the plot is skipped with one warning; the study is unaffected.
+    """
+    try:
+        matplotlib = import_optional("matplotlib", "plots", "regret.png")
+    except FMSError as error:
+        log.warning("%s; skipping it", error)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
