@@ -234,3 +234,15 @@ def test_every_documented_tuner_option_exists():
         documented |= set(re.findall(r"--tuner(?:\.[\w]+)+", path.read_text()))
     assert len(documented) >= 20
     assert documented <= known, sorted(documented - known)
+
+
+def test_the_pool_builder_spells_cache_dir_as_bench_does(capsys):
+    from lightning_fms.bench.pool import main as pool_main
+    from lightning_fms.cli import main
+
+    for entry in (pool_main, lambda argv: main(["bench", *argv])):
+        with pytest.raises(SystemExit):
+            entry(["--help"])
+        assert "--cache_dir" in capsys.readouterr().out
+    documented = documented_command_lines("python -m lightning_fms.bench.pool")
+    assert documented and all(flags_in(tokens) <= {"--jobs", "--cache_dir", "--quiet"} for _, tokens in documented)

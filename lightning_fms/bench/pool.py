@@ -723,14 +723,15 @@ class _Progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lightning_fms.bench.pool TASK.yaml [...] [--jobs N] [--cache-dir DIR]``."""
+    """``python -m lightning_fms.bench.pool TASK.yaml [...] [--jobs N] [--cache_dir DIR]``."""
     parser = argparse.ArgumentParser(
         prog="python -m lightning_fms.bench.pool",
         description="Build (or resume) the tabulated pools of benchmark task files.",
     )
     parser.add_argument("tasks", nargs="+", help="task files (recipes with a pool: section)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes per pool (default 1)")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default $LIGHTNING_FMS_CACHE or ~/.cache)")
+    parser.add_argument("--cache_dir", default=None, help="cache root (default $LIGHTNING_FMS_CACHE or ~/.cache)")
+    parser.add_argument("--cache-dir", dest="cache_dir", help=argparse.SUPPRESS)  # the spelling docs used before
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)
     try:
