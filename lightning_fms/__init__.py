@@ -63,8 +63,9 @@ _EXPORTS: dict[str, str] = {
     "read_space_file": "lightning_fms.sweep",
     "space_from_sweep": "lightning_fms.sweep",
     "FMSLightningCLI": "lightning_fms.lightning_cli",
-    "TunerOptions": "lightning_fms.lightning_cli",
-    "WandbOptions": "lightning_fms.lightning_cli",
+    "StudyOptions": "lightning_fms.options",
+    "TunerOptions": "lightning_fms.options",
+    "WandbOptions": "lightning_fms.options",
     "WandbStudyLogger": "lightning_fms.loggers",
 }
 
@@ -91,9 +92,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from lightning_fms.frozen.levels import FrozenLayers
     from lightning_fms.frozen.units import LayerUnit, layer_units, set_trainable_units, trainable_fraction
     from lightning_fms.hub import HubEntry, ModelHub, load_weights_file
-    from lightning_fms.lightning_cli import FMSLightningCLI, TunerOptions, WandbOptions
+    from lightning_fms.lightning_cli import FMSLightningCLI
     from lightning_fms.loggers import WandbStudyLogger
     from lightning_fms.observer import StudyObserver, StudyView
+    from lightning_fms.options import StudyOptions, TunerOptions, WandbOptions
     from lightning_fms.recipe import Recipe
     from lightning_fms.search.optimizer import FreezeThawOptimizer, Observation, Suggestion, SuggestionKind
     from lightning_fms.search.searcher import RandomSearcher, Searcher, SurrogateSearcher, build_searcher

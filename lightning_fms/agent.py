@@ -35,13 +35,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.options import declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
 from lightning_fms.search.searcher import build_searcher
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
@@ -60,7 +61,7 @@ from lightning_fms.training.callback import (
 )
 from lightning_fms.training.executor import EpochOutcome
 
-__all__ = ["AgentSettings", "StudyAgent", "command_line"]
+__all__ = ["AGENT_OPTIONS", "AgentSettings", "StudyAgent", "command_line"]
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,19 @@ log = logging.getLogger(__name__)
 class AgentSettings:
     """Study settings given to an agent; ``None`` means "as stored" (required when the agent creates the study).
 
+    Every field but ``space_file`` is an option of :class:`~lightning_fms.options.StudyOptions` (the
+    ``lightning-fms agent`` flags are generated from there, with their help); a new study takes the declared
+    default of each one left out, except ``budget`` and ``monitor`` (required) and ``mode`` (the space file's
+    goal, else ``"max"``).
+
     Attributes:
         space_file: Search-space file (the recipe's ``space`` format or a W&B sweep).
         budget: Total epochs over all trials.
         monitor: The metric the script logs at validation (default: the space file's).
         mode: ``"max"`` or ``"min"`` (default: the space file's, else ``"max"``).
-        max_epochs_per_trial: Per-trial epoch cap (default 20).
-        seed: Seed of the decisions (default 0).
-        searcher: ``"dyhpo"``, ``"gp"`` or ``"random"`` (default ``"dyhpo"``).
+        max_epochs_per_trial: Per-trial epoch cap.
+        seed: Seed of the decisions.
+        searcher: One of :data:`~lightning_fms.search.searcher.SEARCHERS`.
         max_paused_trials: Bound on paused trials (default unbounded).
     """
 
@@ -88,6 +94,10 @@ class AgentSettings:
     seed: int | None = None
     searcher: str | None = None
     max_paused_trials: int | None = None
+
+
+#: The study options an agent takes (:class:`AgentSettings` less ``space_file``), stored with the study.
+AGENT_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(AgentSettings) if f.name != "space_file")
 
 
 def command_line(command: Sequence[str], config: dict[str, Any], resume: Path | None) -> list[str]:
@@ -172,20 +182,16 @@ class StudyAgent:
         monitor = given.monitor or space_file.monitor
         if not monitor:
             raise FMSError("give --monitor (the metric the script logs at validation)")
-        stored = {
-            "budget": given.budget,
-            "monitor": monitor,
-            "mode": given.mode or space_file.mode or "max",
-            "max_epochs_per_trial": given.max_epochs_per_trial if given.max_epochs_per_trial is not None else 20,
-            "seed": given.seed if given.seed is not None else 0,
-            "searcher": given.searcher or "dyhpo",
-            "max_paused_trials": given.max_paused_trials,
-        }
+        stored = {name: getattr(given, name) for name in AGENT_OPTIONS}
+        for name, value in stored.items():
+            if value is None:
+                stored[name] = declared_default(name)
+        stored.update(monitor=monitor, mode=given.mode or space_file.mode or "max")
         return self._optimizer(space_file.space, stored), self._ledger(stored)
 
     def _check_settings(self, state: dict[str, Any], stored: dict[str, Any]) -> None:
         given = self.settings
-        for key in ("budget", "monitor", "mode", "max_epochs_per_trial", "seed", "searcher", "max_paused_trials"):
+        for key in AGENT_OPTIONS:
             value = getattr(given, key)
             if value is not None and value != stored.get(key):
                 raise FMSError(

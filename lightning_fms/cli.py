@@ -1,8 +1,9 @@
 """The ``lightning-fms`` command.
 
 ``lightning-fms tune --config recipes/demo.yaml --study_dir runs/demo --seed 0 --budget 100`` runs (or
-resumes) a study. Problems with the input are reported as one line, ``lightning-fms: error: ...``,
-with exit status 2 and no traceback; what the study already recorded is kept.
+resumes) a study; every option of :class:`~lightning_fms.options.StudyOptions` is a flag (``--searcher gp``,
+``--frozen_layers true``, ...) that overrides the recipe. Problems with the input are reported as one line,
+``lightning-fms: error: ...``, with exit status 2 and no traceback; what the study already recorded is kept.
 
 ``lightning-fms fit --model pkg.Module --data pkg.DataModule [--config cfg.yaml] --tuner fms ...`` is
 :class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
@@ -10,7 +11,8 @@ LightningDataModule, picked by import path; the current directory is importable)
 
 ``lightning-fms agent --study_dir runs/s1 [--space space.yaml --budget 30 --monitor val_acc ...] -- python
 train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
-agents may share one study directory.
+agents may share one study directory. Its study flags are the options :class:`~lightning_fms.agent.AgentSettings`
+takes, generated from the same declaration.
 
 ``lightning-fms bench --out DIR [--tasks PATH ...] [--methods NAME ...] [--seeds N] [--budget B] [--jobs J]
 [--quick]`` runs the benchmark methods side by side on tabulated task pools (see :mod:`lightning_fms.bench`) and
@@ -24,7 +26,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lightning_fms.errors import FMSError, error_line
 
@@ -34,44 +36,28 @@ DEFAULT_BENCH_TASKS = tuple(
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-fms",
-        description="Forecasting Model Search for PyTorch Lightning: "
-        "pick the hub entry and hyperparameters to fine-tune.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    tune = sub.add_parser("tune", help="run or resume a study described by a recipe")
+def _tune_arguments(tune: argparse.ArgumentParser) -> None:
+    from lightning_fms.options import add_option_flags, option_names
+
     tune.add_argument("--config", required=True, help="recipe YAML (see recipes/demo.yaml)")
     tune.add_argument("--study_dir", required=True, help="study directory (resumed if it holds a study)")
-    tune.add_argument("--seed", type=int, default=None, help="seed (overrides the recipe)")
-    tune.add_argument("--budget", type=int, default=None, help="total epochs over all trials (overrides the recipe)")
-    tune.add_argument("--max_epochs_per_trial", type=int, default=None, help="per-trial epoch cap")
-    tune.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher")
-    tune.add_argument("--weights", default=None, help="checkpoint featurizer: none, gmn, nfn, flat, stats")
-    tune.add_argument("--curve", choices=("cnn", "none"), default=None, help="learning-curve encoder")
-    tune.add_argument(
-        "--frozen_layers",
-        default=None,
-        help="frozen-layer fidelity: true (fractions 0.25,0.5,1), false, or fractions like 0.2,0.5",
-    )
     tune.add_argument("--no-progress", action="store_true", help="no live progress display")
-    agent = sub.add_parser(
-        "agent",
-        help="run your own training command once per decision (several agents may share a study)",
-        usage="lightning-fms agent --study_dir DIR [--space FILE --budget N ...] -- COMMAND ...",
-    )
+    add_option_flags(tune.add_argument_group("study options (each overrides the recipe)"), option_names())
+
+
+def _agent_arguments(agent: argparse.ArgumentParser) -> None:
+    from lightning_fms.agent import AGENT_OPTIONS
+    from lightning_fms.options import add_option_flags
+
+    agent.usage = "lightning-fms agent --study_dir DIR [--space FILE --budget N ...] -- COMMAND ..."
     agent.add_argument("--study_dir", required=True, help="study directory (created on first use, else joined)")
     agent.add_argument("--space", default=None, help="search-space file (recipe space format or a W&B sweep)")
-    agent.add_argument("--budget", type=int, default=None, help="total epochs over all trials")
-    agent.add_argument("--monitor", default=None, help="metric the script logs (default: the space file's)")
-    agent.add_argument("--mode", choices=("max", "min"), default=None, help="optimisation direction")
-    agent.add_argument("--max_epochs_per_trial", type=int, default=None, help="per-trial epoch cap (default 20)")
-    agent.add_argument("--seed", type=int, default=None, help="seed of the decisions (default 0)")
-    agent.add_argument("--searcher", choices=("dyhpo", "gp", "random"), default=None, help="searcher (default dyhpo)")
-    agent.add_argument("--max_paused_trials", type=int, default=None, help="bound on paused trials")
     agent.add_argument("--quiet", action="store_true", help="no line per trained epoch on stderr")
-    bench = sub.add_parser("bench", help="benchmark methods side by side on tabulated task pools")
+    group = agent.add_argument_group("study options (stored by the agent that creates the study; others may omit them)")
+    add_option_flags(group, AGENT_OPTIONS)
+
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--out", required=True, help="output directory (finished runs in it are reused)")
     bench.add_argument(
         "--tasks", nargs="+", default=None, help=f"task YAML files (default: {', '.join(DEFAULT_BENCH_TASKS)})"
@@ -84,12 +70,37 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick", action="store_true", help="first task only, 3 seeds, budget 50, Kendall tau at 25 and 50 epochs"
     )
-    sub.add_parser(
-        "fit",
-        add_help=False,
-        help="LightningCLI fit (with --tuner fms: a study) of --model and --data given by import path; "
+
+
+#: Subcommand -> (its help line, what adds its arguments; ``fit`` is parsed by FMSLightningCLI).
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "tune": ("run or resume a study described by a recipe", _tune_arguments),
+    "agent": ("run your own training command once per decision (several agents may share a study)", _agent_arguments),
+    "bench": ("benchmark methods side by side on tabulated task pools", _bench_arguments),
+    "fit": (
+        "LightningCLI fit (with --tuner fms: a study) of --model and --data given by import path; "
         "see lightning-fms fit --help",
+        None,
+    ),
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``lightning-fms`` parser, with the arguments of ``command`` only (the others keep their help line).
+
+    Building one subcommand's arguments imports what they need (the tuner's option declaration for ``tune``
+    and ``agent``), so ``import lightning_fms.cli`` and ``lightning-fms --help`` stay cheap.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-fms",
+        description="Forecasting Model Search for PyTorch Lightning: "
+        "pick the hub entry and hyperparameters to fine-tune.",
     )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (summary, add_arguments) in _COMMANDS.items():
+        subparser = sub.add_parser(name, help=summary, add_help=add_arguments is not None)
+        if name == command and add_arguments is not None:
+            add_arguments(subparser)
     return parser
 
 
@@ -115,29 +126,11 @@ def _fit(argv: Sequence[str]) -> int:
     return 0
 
 
-def _parse_frozen_layers(text: str) -> bool | list[float]:
-    """``true``/``false`` or comma-separated fractions (validated later by the tuner)."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    try:
-        return [float(part) for part in lowered.split(",") if part.strip()]
-    except ValueError:
-        raise FMSError(f"--frozen_layers must be true, false or fractions like 0.25,0.5, got {text!r}") from None
-
-
 def _tune(args: argparse.Namespace) -> int:
+    from lightning_fms.options import flag_values, option_names
     from lightning_fms.recipe import Recipe
 
-    overrides = {"seed": args.seed, "budget": args.budget, "max_epochs_per_trial": args.max_epochs_per_trial}
-    recipe = Recipe.from_yaml(args.config, overrides)
-    for key in ("searcher", "weights", "curve"):
-        if getattr(args, key) is not None:
-            recipe.tuner[key] = getattr(args, key)
-    if args.frozen_layers is not None:
-        recipe.tuner["frozen_layers"] = _parse_frozen_layers(args.frozen_layers)
+    recipe = Recipe.from_yaml(args.config, flag_values(args, option_names()))
     tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
     result = tuner.run()
     print(json.dumps(result.summary(), indent=2, default=str))
@@ -149,18 +142,10 @@ def _agent(args: argparse.Namespace, command: Sequence[str]) -> int:
         raise FMSError(
             "give the training command after '--' (e.g. lightning-fms agent --study_dir D -- python train.py)"
         )
-    from lightning_fms.agent import AgentSettings, StudyAgent
+    from lightning_fms.agent import AGENT_OPTIONS, AgentSettings, StudyAgent
+    from lightning_fms.options import flag_values
 
-    settings = AgentSettings(
-        space_file=args.space,
-        budget=args.budget,
-        monitor=args.monitor,
-        mode=args.mode,
-        max_epochs_per_trial=args.max_epochs_per_trial,
-        seed=args.seed,
-        searcher=args.searcher,
-        max_paused_trials=args.max_paused_trials,
-    )
+    settings = AgentSettings(space_file=args.space, **flag_values(args, AGENT_OPTIONS))
     summary = StudyAgent(args.study_dir, command, settings, echo=not args.quiet).run()
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -229,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "agent" and "--" in argv:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
-    args = _parser().parse_args(argv)
+    parser = _parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
     try:
         if args.command == "tune":
             return _tune(args)

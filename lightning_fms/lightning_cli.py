@@ -40,9 +40,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
@@ -50,6 +49,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_fms.cli_trials import CLITrialBuilder
 from lightning_fms.errors import FMSError, error_line
+from lightning_fms.options import TUNERS, TunerOptions, WandbOptions, tuner_arguments
 from lightning_fms.search.space import CategoricalParam, HubChoice, SearchSpace
 from lightning_fms.sweep import read_space_file
 from lightning_fms.training.in_process import InProcessExecutor
@@ -60,97 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["TUNERS", "FMSLightningCLI", "TunerOptions", "WandbOptions"]
 
 log = logging.getLogger(__name__)
-
-TUNERS = ("fms",)
-"""The values ``--tuner`` accepts."""
-
-
-@dataclass
-class WandbOptions:
-    """Weights & Biases logging of the study (needs ``pip install 'lightning_fms[wandb]'``).
-
-    Args:
-        project: W&B project; setting any ``--tuner.wandb.*`` option turns W&B logging on.
-        entity: W&B entity (user or team).
-        group: Group of the study's runs (default: the study directory's name).
-        mode: W&B mode (default: W&B's own, e.g. ``WANDB_MODE``).
-        dir: Folder for W&B's local files (default: ``WANDB_DIR``, else the study directory).
-        tags: Tags of every run.
-    """
-
-    project: str | None = None
-    entity: str | None = None
-    group: str | None = None
-    mode: Literal["online", "offline", "disabled"] | None = None
-    dir: str | None = None
-    tags: list[str] | None = None
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any option is set."""
-        return any(getattr(self, name) is not None for name in self.__dataclass_fields__)
-
-
-@dataclass
-class TunerOptions:
-    """Forecasting Model Search over this config (``--tuner fms``; see ``docs/cli.md``).
-
-    Args:
-        name: The tuner that runs ``fit`` (``--tuner fms`` sets it); unset, ``fit`` trains once as usual.
-        space: Search space: a YAML file (a W&B sweep, or parameter name -> ``{type: float|int|categorical|hub,
-            ...}``) or the mapping itself. Keys are config keys such as ``model.init_args.lr``.
-        study_dir: Study directory (created, or resumed when it holds a study).
-        budget: Total epochs over all trials.
-        monitor: Metric to optimise (default: the space file's metric).
-        mode: ``max`` or ``min`` (default: the space file's goal).
-        max_epochs_per_trial: Per-trial epoch cap.
-        max_epochs_key: Config key that receives the per-trial cap (e.g. ``model.init_args.max_epochs``) so
-            an LR schedule has a fixed horizon.
-        hub_key: Space parameter whose choices are pretrained weight files (the hub choice); a ``{type:
-            hub}`` parameter is one already.
-        seed: Seeds every decision and every trial.
-        searcher: What decides the next epoch.
-        weights: Checkpoint featurizer of the surrogate (``none`` is DyHPO; ``gmn``, ``nfn``, ``flat``,
-            ``stats`` read the weights).
-        weights_attribute: Submodule of the LightningModule whose weights the featurizer reads (empty: all).
-        curve: Learning-curve encoder.
-        device: Surrogate device (default: CUDA when present).
-        num_fresh_candidates: Fresh configurations scored per decision.
-        num_startup_trials: Random configurations started before the searcher is asked.
-        max_paused_trials: Bound on paused trials (their checkpoints).
-        surrogate_options: Extra surrogate arguments.
-        featurizer_options: Extra featurizer arguments.
-        frozen_layers: The frozen-layer fidelity: ``true`` (fractions 0.25, 0.5, 1), a list of trainable
-            fractions, or off (default); see :mod:`lightning_fms.frozen.levels`.
-        preflight: Check with a one-batch fit that the monitored metric is logged, before the study.
-        progress: Show a live progress display.
-        wandb: W&B logging.
-    """
-
-    name: Literal["fms"] | None = None
-    space: str | dict[str, Any] | None = None
-    study_dir: str | None = None
-    budget: int = 100
-    monitor: str | None = None
-    mode: Literal["max", "min"] | None = None
-    max_epochs_per_trial: int = 20
-    max_epochs_key: str | None = None
-    hub_key: str | None = None
-    seed: int = 0
-    searcher: Literal["dyhpo", "gp", "random"] = "dyhpo"
-    weights: str = "none"
-    weights_attribute: str = ""
-    curve: Literal["cnn", "none"] = "cnn"
-    device: str | None = None
-    num_fresh_candidates: int = 64
-    num_startup_trials: int = 2
-    max_paused_trials: int | None = None
-    surrogate_options: dict[str, Any] | None = None
-    featurizer_options: dict[str, Any] | None = None
-    frozen_layers: bool | list[float] | None = None
-    preflight: bool = True
-    progress: bool = True
-    wandb: WandbOptions = field(default_factory=WandbOptions)
 
 
 def _exit_with(error: FMSError) -> NoReturn:
@@ -302,40 +211,25 @@ class FMSLightningCLI(LightningCLI):
             from lightning_fms.loggers.wandb import WandbStudyLogger
 
             observers.append(WandbStudyLogger(**vars(options.wandb)))
+        weights_attribute = options.weights_attribute or ""  # unset: the whole module built with a weights file
         builder = CLITrialBuilder(
             self,
             space,
             space_file.base_dir,
             cap=options.max_epochs_per_trial,
             max_epochs_key=options.max_epochs_key,
-            weights_attribute=options.weights_attribute,
+            weights_attribute=weights_attribute,
             reads_weights=options.weights != "none",
         )
-        executor = InProcessExecutor(
-            builder, monitor=monitor, hub=builder.hub, weights_attribute=options.weights_attribute
-        )
+        executor = InProcessExecutor(builder, monitor=monitor, hub=builder.hub, weights_attribute=weights_attribute)
         tuner = FMSTuner(
             executor=executor,
             space=space,
             study_dir=options.study_dir,
-            budget=options.budget,
-            monitor=monitor,
-            mode=mode,
+            **{**tuner_arguments(options), "monitor": monitor, "mode": mode},
             hub=builder.hub,
-            max_epochs_per_trial=options.max_epochs_per_trial,
-            seed=options.seed,
-            searcher=options.searcher,
-            weights=options.weights,
-            curve=options.curve,
-            device=options.device,
-            num_fresh_candidates=options.num_fresh_candidates,
-            num_startup_trials=options.num_startup_trials,
-            max_paused_trials=options.max_paused_trials,
-            surrogate_options=options.surrogate_options,
-            featurizer_options=options.featurizer_options,
             progress=options.progress,
             observers=observers,
-            frozen_layers=options.frozen_layers,
         )
         if options.preflight:
             builder.preflight(model, datamodule, monitor)

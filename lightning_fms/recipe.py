@@ -18,8 +18,10 @@ Example (``recipes/demo.yaml``)::
     tuner: {searcher: dyhpo, weights: none, curve: cnn}
     trainer: {accelerator: cpu}
 
-Paths are expanded (``{cache}`` is ``$LIGHTNING_FMS_CACHE`` or ``~/.cache/lightning_fms``, then ``~``
-and ``$VARS``) and, when relative, taken from the recipe's folder.
+The study's options (``monitor``, ``mode``, ``budget``, ``max_epochs_per_trial``, ``seed`` at the top, the
+rest in the ``tuner:`` block) are those declared by :class:`~lightning_fms.options.StudyOptions`, validated
+against their declared types. Paths are expanded (``{cache}`` is ``$LIGHTNING_FMS_CACHE`` or
+``~/.cache/lightning_fms``, then ``~`` and ``$VARS``) and, when relative, taken from the recipe's folder.
 """
 
 from __future__ import annotations
@@ -35,39 +37,29 @@ import yaml
 
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub
+from lightning_fms.options import check_option, declared_default, recipe_option_names, tuner_arguments
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import accepts_argument
 
-RECIPE_KEYS = {
+#: Recipe keys that are no tuner option (those are :data:`TOP_LEVEL_OPTIONS` and the ``tuner`` block).
+RECIPE_ONLY_KEYS = (
     "hub",
     "hub_builder",
     "model",
     "data",
     "space",
-    "monitor",
-    "mode",
-    "budget",
-    "max_epochs_per_trial",
-    "seed",
     "tuner",
     "trainer",
     "hub_argument",
     "epochs_argument",
-}
-TUNER_KEYS = {
-    "searcher",
-    "weights",
-    "curve",
-    "device",
-    "num_fresh_candidates",
-    "num_startup_trials",
-    "max_paused_trials",
-    "surrogate_options",
-    "featurizer_options",
-    "weights_attribute",
-    "frozen_layers",
-}
+)
+#: Options of :class:`~lightning_fms.options.StudyOptions` that are keys of the recipe itself.
+TOP_LEVEL_OPTIONS = recipe_option_names(top_level=True)
+#: Every key a recipe may have.
+RECIPE_KEYS = frozenset((*RECIPE_ONLY_KEYS, *TOP_LEVEL_OPTIONS))
+#: Keys of the recipe's ``tuner:`` block: the other options of :class:`~lightning_fms.options.StudyOptions`.
+TUNER_KEYS = frozenset(recipe_option_names(top_level=False))
 
 
 def import_object(path: str, what: str) -> Any:
@@ -118,16 +110,19 @@ class ClassSpec:
 
 @dataclass
 class Recipe:
-    """A validated study description. Build it with :meth:`from_yaml` or :meth:`from_dict`."""
+    """A validated study description. Build it with :meth:`from_yaml` or :meth:`from_dict`.
+
+    ``tuner`` holds the given options of the recipe's ``tuner:`` block (:data:`TUNER_KEYS`).
+    """
 
     model: ClassSpec
     data: ClassSpec
     space_spec: dict[str, Any]
     monitor: str
     mode: str = "max"
-    budget: int = 100
-    max_epochs_per_trial: int = 20
-    seed: int = 0
+    budget: int = declared_default("budget")
+    max_epochs_per_trial: int = declared_default("max_epochs_per_trial")
+    seed: int = declared_default("seed")
     hub_path: Path | None = None
     hub_builder: str | None = None
     tuner: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +133,11 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Recipe:
         """Read and validate a recipe file; ``overrides`` (e.g. from the command line) win over the file.
+
+        Args:
+            path: The recipe YAML.
+            overrides: Recipe keys or options of its ``tuner:`` block (``{"budget": 4, "searcher": "gp"}``);
+                ``None`` values are ignored.
 
         Raises:
             FMSError: the file is missing, not YAML, or not a valid recipe.
@@ -153,7 +153,14 @@ class Recipe:
             raise FMSError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
         if not isinstance(data, Mapping):
             raise FMSError(f"recipe {path} must be a mapping of settings")
-        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        merged = dict(data)
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key in TUNER_KEYS:
+                merged["tuner"] = {**_mapping(merged.get("tuner"), "tuner"), key: value}
+            else:
+                merged[key] = value
         return cls.from_dict(merged, base_dir=path.parent)
 
     @classmethod
@@ -163,12 +170,14 @@ class Recipe:
         if unknown:
             raise FMSError(f"unknown recipe key(s) {sorted(unknown)} (known: {', '.join(sorted(RECIPE_KEYS))})")
         for key in ("model", "data", "space", "monitor"):
-            if key not in data:
+            if data.get(key) is None:
                 raise FMSError(f"the recipe needs '{key}'")
-        tuner = dict(data.get("tuner") or {})
+        tuner = _mapping(data.get("tuner"), "tuner")
         bad = set(tuner) - TUNER_KEYS
         if bad:
             raise FMSError(f"unknown tuner option(s) {sorted(bad)} (known: {', '.join(sorted(TUNER_KEYS))})")
+        tuner = {key: check_option(key, value) for key, value in tuner.items()}
+        study = {key: check_option(key, data[key]) for key in TOP_LEVEL_OPTIONS if data.get(key) is not None}
         trainer = data.get("trainer") or {}
         if not isinstance(trainer, Mapping):
             raise FMSError("'trainer' must be a mapping of Trainer arguments")
@@ -182,15 +191,11 @@ class Recipe:
             hub_path = Path(os.path.expandvars(os.path.expanduser(raw)))
             if not hub_path.is_absolute() and base_dir is not None:
                 hub_path = base_dir / hub_path
-        recipe = cls(
+        return cls(
             model=ClassSpec.from_value(data["model"], "model"),
             data=ClassSpec.from_value(data["data"], "data"),
             space_spec=data["space"],
-            monitor=_check_str(data["monitor"], "monitor"),
-            mode=_check_str(data.get("mode", "max"), "mode"),
-            budget=_check_int(data.get("budget", 100), "budget", 1),
-            max_epochs_per_trial=_check_int(data.get("max_epochs_per_trial", 20), "max_epochs_per_trial", 1),
-            seed=_check_int(data.get("seed", 0), "seed", 0),
+            **study,  # monitor, mode, budget, max_epochs_per_trial, seed: the recipe's defaults where missing
             hub_path=hub_path,
             hub_builder=data.get("hub_builder"),
             tuner=tuner,
@@ -198,9 +203,6 @@ class Recipe:
             hub_argument=_check_str(data.get("hub_argument", "net"), "hub_argument"),
             epochs_argument=_check_str(data.get("epochs_argument", "max_epochs"), "epochs_argument"),
         )
-        if recipe.mode not in ("max", "min"):
-            raise FMSError(f"mode must be 'max' or 'min', got {recipe.mode!r}")
-        return recipe
 
     def load_hub(self) -> ModelHub | None:
         """The model hub, built first by ``hub_builder`` when its file is missing."""
@@ -259,7 +261,6 @@ class Recipe:
         hub = self.load_hub()
         space = self.build_space(hub)
         executor = self.build_executor(hub, space, self.max_epochs_per_trial)
-        tuner_options = {k: v for k, v in self.tuner.items() if k != "weights_attribute"}  # in the executor
         return FMSTuner(
             executor=executor,
             space=space,
@@ -271,7 +272,7 @@ class Recipe:
             max_epochs_per_trial=self.max_epochs_per_trial,
             seed=self.seed,
             progress=progress,
-            **tuner_options,
+            **tuner_arguments(self.tuner),  # weights_attribute went to the executor
         )
 
 
@@ -294,12 +295,13 @@ def _check_space_targets(space: SearchSpace, module_cls: Any, data_cls: Any, hub
         )
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FMSError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise FMSError(f"{name} must be >= {minimum}, got {value}")
-    return value
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    """A recipe section that must be a mapping (``None``: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise FMSError(f"'{name}' must be a mapping, got {value!r}")
+    return dict(value)
 
 
 def _check_str(value: Any, name: str) -> str:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,3 +184,65 @@ def test_sigkill_then_rerun_resumes_with_the_same_decisions(hub_file, tmp_path):
     key = lambda d: (d["decision"], d["kind"], d["trial"], d["epoch"], d["value"])  # noqa: E731
     assert [key(d) for d in got["decisions"]] == [key(d) for d in ref["decisions"]]
     assert [t["config"] for t in got["trials"]] == [t["config"] for t in ref["trials"]]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTED = [ROOT / "README.md", ROOT / "Makefile", *sorted(ROOT.glob("docs/*.md")), *sorted(ROOT.glob("recipes/**/*.py")),
+              *sorted(ROOT.glob("recipes/**/*.yaml"))]  # fmt: skip
+
+
+def documented_command_lines(prefix: str) -> list[tuple[str, list[str]]]:
+    """Every documented ``PREFIX ...`` in the docs, README, Makefile and recipes: (where, tokens up to a backtick,
+    a comment, a parenthesised remark, the line's end or, for the agent, the ``--`` before the training command)."""
+    found = []
+    for path in DOCUMENTED:
+        text = path.read_text().replace("\\\n", " ")  # shell line continuations
+        for match in re.finditer(rf"{re.escape(prefix)}(?![\w-])([^`\n#]*)", text):
+            tokens = match[1].split()
+            ends = [i for i, t in enumerate(tokens) if t == "--" or t.startswith("(")]  # the command, a remark
+            tokens = tokens[: ends[0]] if ends else tokens
+            found.append((f"{path.relative_to(ROOT)}: {prefix}{match[1]}", tokens))
+    return found
+
+
+def flags_in(tokens) -> set[str]:
+    return {t.strip("[]").split("=")[0].rstrip(",.;:)") for t in tokens if t.strip("[]").startswith("--")}
+
+
+@pytest.mark.parametrize(("command", "at_least"), [("tune", 8), ("agent", 4), ("bench", 4)])
+def test_every_documented_flag_spelling_still_works(command, at_least, capsys):
+    from lightning_fms.cli import _parser, main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    known = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+    documented = documented_command_lines(f"lightning-fms {command}")
+    assert len(documented) >= at_least
+    required = {"tune": {"--config", "--study_dir"}, "agent": {"--study_dir"}, "bench": {"--out"}}[command]
+    for where, tokens in documented:
+        assert flags_in(tokens) <= known, where
+        if required <= set(tokens) and not any("[" in t or "..." in t for t in tokens):
+            _parser(command).parse_args([command, *tokens])  # the whole documented command line parses
+
+
+def test_every_documented_tuner_option_exists():
+    proc = cli("fit", "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    known = set(re.findall(r"--tuner(?:\.[\w]+)+", proc.stdout))
+    documented = set()
+    for path in DOCUMENTED:
+        documented |= set(re.findall(r"--tuner(?:\.[\w]+)+", path.read_text()))
+    assert len(documented) >= 20
+    assert documented <= known, sorted(documented - known)
+
+
+def test_the_pool_builder_spells_cache_dir_as_bench_does(capsys):
+    from lightning_fms.bench.pool import main as pool_main
+    from lightning_fms.cli import main
+
+    for entry in (pool_main, lambda argv: main(["bench", *argv])):
+        with pytest.raises(SystemExit):
+            entry(["--help"])
+        assert "--cache_dir" in capsys.readouterr().out
+    documented = documented_command_lines("python -m lightning_fms.bench.pool")
+    assert documented and all(flags_in(tokens) <= {"--jobs", "--cache_dir", "--quiet"} for _, tokens in documented)

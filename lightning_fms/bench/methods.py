@@ -39,11 +39,13 @@ from lightning_fms.bench.ledger import BudgetSpent, Ledger
 from lightning_fms.bench.metrics import rank_correlation, to_scores
 from lightning_fms.bench.pool_data import Pool
 from lightning_fms.errors import FMSError
+from lightning_fms.options import declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.rows import WeightKey
 from lightning_fms.search.searcher import build_searcher
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.threads import torch_threads
+from lightning_fms.weights.registry import FEATURIZERS
 
 #: Columns of :attr:`MethodRun.rows`, one row per epoch spent.
 ROW_COLUMNS = (
@@ -159,8 +161,8 @@ class RunOptions:
     surrogate_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_SURROGATE_OPTIONS))
     gp_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_GP_OPTIONS))
     featurizer_options: dict[str, Any] = field(default_factory=dict)
-    num_fresh_candidates: int = 64
-    num_startup_trials: int = 2
+    num_fresh_candidates: int = declared_default("num_fresh_candidates")
+    num_startup_trials: int = declared_default("num_startup_trials")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what a cached run must match)."""
@@ -311,14 +313,14 @@ def _warm_featurizer(search: Any, pool: Pool, modules: PoolModules, weights: str
 
 def _spec_table() -> dict[str, MethodSpec]:
     table: dict[str, MethodSpec] = {}
-    for featurizer in ("gmn", "nfn", "flat", "stats"):
+    for featurizer in FEATURIZERS:
         table[f"fms-{featurizer}"] = MethodSpec(
             f"fms-{featurizer}",
             f"FMS: deep-kernel GP on hyperparameters, learning curve and {featurizer} weight embedding",
             True,
             _freeze_thaw("dyhpo", featurizer, "cnn"),
         )
-    for featurizer in ("gmn", "nfn", "flat", "stats"):
+    for featurizer in FEATURIZERS:
         table[f"fms-{featurizer}-nocnn"] = MethodSpec(
             f"fms-{featurizer}-nocnn",
             f"FMS without the learning-curve CNN ({featurizer} weight embedding)",

@@ -29,6 +29,7 @@ import numpy as np
 
 from lightning_fms.bench.methods import METHODS
 from lightning_fms.bench.metrics import epochs_grid, mean_ci, step_resample, wall_grid
+from lightning_fms.extras import import_optional
 from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 
 #: Regret 0 is drawn at this value on log axes.
@@ -115,7 +116,8 @@ def _ranks(means: Mapping[str, tuple[float, float]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-_FAMILIES = ("fms-gmn", "fms-nfn", "fms-flat", "fms-stats", "dyhpo", "gp", "random", "hyperband", "asha", "optuna")
+#: One colour slot per method family (an FMS variant and its ``-nocnn`` ablation are one family), in report order.
+_FAMILIES = tuple(dict.fromkeys(name.removesuffix("-nocnn") for name in METHODS))
 
 
 def _style(method: str, index: int) -> dict[str, Any]:
@@ -328,8 +330,7 @@ def write_report(
     Returns:
         ``(summary path, figure paths)``.
     """
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "plots", "the benchmark's figures")
     matplotlib.use("Agg")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

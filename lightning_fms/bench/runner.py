@@ -41,6 +41,7 @@ from lightning_fms.bench.peers import import_optuna
 from lightning_fms.bench.pool_data import Pool
 from lightning_fms.bench.report import ReportMeta, safe_name, write_report
 from lightning_fms.errors import FMSError
+from lightning_fms.extras import import_optional
 from lightning_fms.study.atomic import atomic_write_text
 
 #: Version of the run record; part of every cached run's settings (bump it to invalidate cached runs).
@@ -312,6 +313,7 @@ def run_bench(
         raise FMSError("no task to run")
     if "optuna" in names:
         import_optuna()  # fail now, not after hours of other runs
+    import_optional("matplotlib", "plots", "the benchmark's figures")  # likewise
     options = options or RunOptions()
     say = progress or (lambda _line: None)
     out = Path(out_dir)

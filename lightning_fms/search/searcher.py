@@ -24,7 +24,10 @@ from lightning_fms.search.trial import Trial
 from lightning_fms.surrogate import Surrogate, budget_incumbents, build_surrogate, expected_improvement
 from lightning_fms.threads import torch_threads
 
-SEARCHERS = ("dyhpo", "gp", "random")
+#: Names accepted by :func:`build_searcher` (the one list the recipe, the flags and the benchmark read).
+SEARCHERS: tuple[str, ...] = ("dyhpo", "gp", "random")
+#: Learning-curve encoders of the surrogate searchers (``build_searcher(curve=...)``).
+CURVE_ENCODERS: tuple[str, ...] = ("cnn", "none")
 
 
 @dataclass
@@ -194,13 +197,13 @@ def build_searcher(
     """Build a searcher by name.
 
     Args:
-        name: ``"dyhpo"`` (deep-kernel GP; FMS when ``weights`` is not ``"none"``), ``"gp"`` (plain GP on
-            hyperparameters and budget) or ``"random"``.
+        name: One of :data:`SEARCHERS`: ``"dyhpo"`` (deep-kernel GP; FMS when ``weights`` is not ``"none"``),
+            ``"gp"`` (plain GP on hyperparameters and budget) or ``"random"``.
         space: The search space.
         cap: The per-trial epoch cap.
         weights: Checkpoint featurizer for the deep kernel: ``"none"`` or a name known to
             :func:`lightning_fms.weights.build_featurizer`.
-        curve: ``"cnn"`` (learning-curve encoder) or ``"none"``.
+        curve: One of :data:`CURVE_ENCODERS`: ``"cnn"`` (learning-curve encoder) or ``"none"``.
         device: Surrogate device; ``None`` picks CUDA when present.
         surrogate_options: Extra keyword arguments for the surrogate.
         featurizer_options: Extra keyword arguments for the featurizer.
@@ -211,8 +214,8 @@ def build_searcher(
     """
     if name not in SEARCHERS:
         raise FMSError(f"unknown searcher {name!r} (expected one of {', '.join(SEARCHERS)})")
-    if curve not in ("cnn", "none"):
-        raise FMSError(f"unknown curve encoder {curve!r} (expected 'cnn' or 'none')")
+    if curve not in CURVE_ENCODERS:
+        raise FMSError(f"unknown curve encoder {curve!r} (expected one of {', '.join(CURVE_ENCODERS)})")
     if name == "random":
         return RandomSearcher()
     featurizer = None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lightning_fms.errors import FMSError
+from lightning_fms.extras import import_optional
 from lightning_fms.search.trial import to_score
 from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 
@@ -17,6 +20,8 @@ if TYPE_CHECKING:
     from lightning_fms.search.optimizer import FreezeThawOptimizer
     from lightning_fms.search.space import SearchSpace
     from lightning_fms.search.trial import Trial
+
+log = logging.getLogger(__name__)
 
 TRAJECTORY_COLUMNS = (
     "epochs_spent",
@@ -159,9 +164,15 @@ def write_results(
 
 
 def write_regret_plot(path: Path, optimizer: FreezeThawOptimizer, monitor: str) -> None:
-    """Write ``regret.png``: best value so far, and its regret to the best value the study found, per epoch spent."""
-    import matplotlib
+    """Write ``regret.png``: best value so far, and its regret to the best value the study found, per epoch spent.
 
+    Without matplotlib (the ``plots`` extra) the plot is skipped with one warning; the study is unaffected.
+    """
+    try:
+        matplotlib = import_optional("matplotlib", "plots", "regret.png")
+    except FMSError as error:
+        log.warning("%s; skipping it", error)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

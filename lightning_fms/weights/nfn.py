@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fms.errors import FMSError
+from lightning_fms.extras import import_optional
 from lightning_fms.weights.base import (
     ByteLRU,
     Featurizer,
@@ -64,12 +65,10 @@ Shapes = list[tuple[int, ...]]
 
 
 def _import_nfn() -> Any:
-    try:
-        import nfn.common
-        import nfn.layers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise FMSError("the 'nfn' featurizer needs the package nfn (pip install nfn)") from exc
-    return nfn
+    """The ``nfn`` package (the ``nfn`` extra), with its ``common`` and ``layers`` modules loaded."""
+    for module in ("nfn.common", "nfn.layers"):
+        import_optional(module, "nfn", "the 'nfn' featurizer")
+    return import_optional("nfn", "nfn", "the 'nfn' featurizer")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_fms.errors import FMSError
-from lightning_fms.weights.base import Featurizer
 
-#: Names accepted by :func:`build_featurizer`.
+if TYPE_CHECKING:
+    from lightning_fms.weights.base import Featurizer
+
+#: Names accepted by :func:`build_featurizer` (the one list the recipe, the flags and the benchmark read).
 FEATURIZERS: tuple[str, ...] = ("gmn", "nfn", "flat", "stats")
 
 

@@ -8,6 +8,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fms.extras import import_optional
+
 TASK_DIGITS: dict[str, tuple[int, ...]] = {
     "source": (0, 1, 2, 3, 4),
     "target": (5, 6, 7, 8, 9),
@@ -27,9 +29,8 @@ def load_digits_task(task: str = "target") -> tuple[Tensor, Tensor]:
     """
     if task not in TASK_DIGITS:
         raise ValueError(f"unknown digits task {task!r}; choose one of {sorted(TASK_DIGITS)}")
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    datasets = import_optional("sklearn.datasets", "demo", "the digits data", package="scikit-learn")
+    bunch = datasets.load_digits()
     digits = np.asarray(TASK_DIGITS[task])
     keep = np.isin(bunch.target, digits)
     images = torch.from_numpy(bunch.images[keep].astype(np.float32) / 16.0).unsqueeze(1)

@@ -1,0 +1,396 @@
+"""The tuner's options, declared once: :class:`StudyOptions`, and what is generated from it.
+
+Each field of :class:`StudyOptions` (type, default, help) is
+
+* a **recipe key**: the fields declared ``top_level`` are keys of the recipe itself (``budget: 100``), the
+  others keys of its ``tuner:`` block (:func:`recipe_option_names`); :func:`check_option` validates a value;
+* a **``lightning-fms tune`` flag** ``--<field>`` that overrides the recipe (:func:`add_option_flags`,
+  :func:`flag_values`); ``lightning-fms agent`` gets the flags of the fields
+  :class:`~lightning_fms.agent.AgentSettings` takes;
+* a **``FMSLightningCLI`` option** ``--tuner.<field>``: :class:`TunerOptions` (the ``tuner`` group) extends
+  :class:`StudyOptions` with the options only the LightningCLI has;
+* a **keyword argument** of :class:`~lightning_fms.tuner.FMSTuner` (:func:`tuner_arguments`), except the fields
+  declared for the executor.
+
+So a new option is one field here (and the code that uses it). The searcher, curve-encoder and featurizer
+choices come from their registries (:data:`~lightning_fms.search.searcher.SEARCHERS`,
+:data:`~lightning_fms.search.searcher.CURVE_ENCODERS`, :data:`~lightning_fms.weights.registry.FEATURIZERS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import yaml
+
+from lightning_fms.errors import FMSError
+from lightning_fms.search.searcher import CURVE_ENCODERS, SEARCHERS
+from lightning_fms.weights.registry import FEATURIZERS
+
+__all__ = [
+    "TUNERS",
+    "StudyOptions",
+    "TunerOptions",
+    "WandbOptions",
+    "add_option_flags",
+    "check_option",
+    "declared_default",
+    "flag_values",
+    "option",
+    "option_names",
+    "options_dataclass",
+    "recipe_option_names",
+    "tuner_arguments",
+]
+
+TUNERS: tuple[str, ...] = ("fms",)
+"""The values ``FMSLightningCLI``'s ``--tuner`` accepts."""
+
+SearcherName = Literal[SEARCHERS]  # type: ignore[valid-type]
+CurveEncoderName = Literal[CURVE_ENCODERS]  # type: ignore[valid-type]
+WeightsName = Literal[("none", *FEATURIZERS)]  # type: ignore[valid-type]
+Parse = Callable[[str], Any]
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    top_level: bool = False,
+    minimum: int | None = None,
+    nonempty: bool = False,
+    parse: Parse | None = None,
+    executor: bool = False,
+) -> Any:
+    """A declared option: a dataclass field with its help and how the front ends treat it.
+
+    Args:
+        default: The default value.
+        help: One sentence for ``--help``, the docstring and the docs.
+        default_factory: For a mutable default, instead of ``default``.
+        top_level: A key of the recipe itself (``budget``), not of its ``tuner:`` block.
+        minimum: The smallest integer accepted (recipes and flags).
+        nonempty: A string must not be empty.
+        parse: Turns a flag's text into the value (default: by the field's type; see :func:`add_option_flags`).
+        executor: The executor takes it, not :class:`~lightning_fms.tuner.FMSTuner` (:func:`tuner_arguments`).
+    """
+    metadata = {
+        "help": help,
+        "top_level": top_level,
+        "minimum": minimum,
+        "nonempty": nonempty,
+        "parse": parse,
+        "executor": executor,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def options_dataclass(cls: type) -> type:
+    """``@dataclass``, plus an ``Args:`` section written from each field's help (``--help`` and ``help()`` read it)."""
+    cls = dataclasses.dataclass(cls)
+    lines = [f"        {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls)]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Args:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+# ------------------------------------------------------------------------------------------------ the declaration
+def _parse_mapping(text: str) -> dict[str, Any]:
+    """A YAML mapping such as ``{full_fit_steps: 60, refine_steps: 10}``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping like '{steps: 50}'")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_frozen_layers(text: str) -> bool | list[float]:
+    """``true``/``false`` or comma-separated trainable fractions (their range is the tuner's to check)."""
+    try:
+        return _parse_bool(text)
+    except ValueError:
+        pass
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError("must be true, false or fractions like 0.25,0.5") from None
+
+
+@options_dataclass
+class StudyOptions:
+    """How a study searches: its budget, metric, seed, searcher and surrogate settings."""
+
+    budget: int = option(100, "Total epochs over all trials.", top_level=True, minimum=1)
+    monitor: str | None = option(
+        None,
+        "Metric to optimise, as the module logs it (default: the space file's metric).",
+        top_level=True,
+        nonempty=True,
+    )
+    mode: Literal["max", "min"] | None = option(
+        None,
+        "``max`` or ``min`` (default: the space file's goal; a recipe or an agent falls back to max).",
+        top_level=True,
+    )
+    max_epochs_per_trial: int = option(20, "Per-trial epoch cap (and LR-schedule horizon).", top_level=True, minimum=1)
+    seed: int = option(0, "Seeds every decision and every trial (keep it when resuming).", top_level=True, minimum=0)
+    searcher: SearcherName = option(
+        "dyhpo", f"What decides the next epoch: {', '.join(SEARCHERS)} (deep-kernel GP, plain GP, random search)."
+    )
+    weights: WeightsName = option(
+        "none",
+        f"Checkpoint featurizer of the surrogate: none (DyHPO) or {', '.join(FEATURIZERS)} (FMS, reads the weights).",
+    )
+    weights_attribute: str | None = option(
+        None,
+        "Submodule whose weights the featurizer reads (default: a recipe's hub argument; with FMSLightningCLI "
+        "the whole module; empty: the whole module).",
+        executor=True,
+    )
+    curve: CurveEncoderName = option("cnn", f"Learning-curve encoder: {', '.join(CURVE_ENCODERS)}.")
+    device: str | None = option(None, "Surrogate device (default: CUDA when present).")
+    num_fresh_candidates: int = option(64, "Fresh configurations scored per decision.")
+    num_startup_trials: int = option(2, "Random configurations started before the searcher is asked.")
+    max_paused_trials: int | None = option(None, "Bound on paused trials (their checkpoints); default unbounded.")
+    surrogate_options: dict[str, Any] | None = option(None, "Extra surrogate arguments, e.g. '{full_fit_steps: 60}'.")
+    featurizer_options: dict[str, Any] | None = option(None, "Extra featurizer arguments, e.g. '{embedding_dim: 16}'.")
+    frozen_layers: bool | list[float] | None = option(
+        None,
+        "The frozen-layer fidelity: true (trainable fractions 0.25, 0.5, 1), fractions like 0.2,0.5, or off "
+        "(default); see docs/concepts.md.",
+        parse=_parse_frozen_layers,
+    )
+
+
+@options_dataclass
+class WandbOptions:
+    """Weights & Biases logging of the study (needs ``pip install 'lightning_fms[wandb]'``)."""
+
+    project: str | None = option(None, "W&B project; setting any ``--tuner.wandb.*`` option turns W&B logging on.")
+    entity: str | None = option(None, "W&B entity (user or team).")
+    group: str | None = option(None, "Group of the study's runs (default: the study directory's name).")
+    mode: Literal["online", "offline", "disabled"] | None = option(
+        None, "W&B mode (default: W&B's own, e.g. ``WANDB_MODE``)."
+    )
+    dir: str | None = option(None, "Folder for W&B's local files (default: ``WANDB_DIR``, else the study directory).")
+    tags: list[str] | None = option(None, "Tags of every run.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any option is set."""
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+
+@options_dataclass
+class TunerOptions(StudyOptions):
+    """Forecasting Model Search over this config (``--tuner fms``, docs/cli.md): the study's options and the CLI's."""
+
+    name: Literal[TUNERS] | None = option(
+        None, "The tuner that runs ``fit`` (``--tuner fms`` sets it); unset, ``fit`` trains once as usual."
+    )
+    space: str | dict[str, Any] | None = option(
+        None,
+        "Search space: a YAML file (a W&B sweep, or parameter name -> ``{type: float|int|categorical|hub, ...}``) "
+        "or the mapping itself. Keys are config keys such as ``model.init_args.lr``.",
+    )
+    study_dir: str | None = option(None, "Study directory (created, or resumed when it holds a study).")
+    max_epochs_key: str | None = option(
+        None,
+        "Config key that receives the per-trial cap (e.g. ``model.init_args.max_epochs``) so an LR schedule has a "
+        "fixed horizon.",
+    )
+    hub_key: str | None = option(
+        None,
+        "Space parameter whose choices are pretrained weight files (the hub choice); a ``{type: hub}`` parameter "
+        "is one already.",
+    )
+    preflight: bool = option(True, "Check with a one-batch fit that the monitored metric is logged, before the study.")
+    progress: bool = option(True, "Show a live progress display.")
+    wandb: WandbOptions = option(default_factory=WandbOptions, help="W&B logging.")
+
+
+# ------------------------------------------------------------------------------------------------ reading it
+@functools.cache
+def _fields(declaration: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(declaration)}
+
+
+@functools.cache
+def _hints(declaration: type) -> dict[str, Any]:
+    return typing.get_type_hints(declaration)
+
+
+def option_names(declaration: type = StudyOptions) -> tuple[str, ...]:
+    """Every option of a declaration, in declaration order."""
+    return tuple(_fields(declaration))
+
+
+def recipe_option_names(declaration: type = StudyOptions, *, top_level: bool) -> tuple[str, ...]:
+    """The options that are keys of the recipe itself (``top_level=True``) or of its ``tuner:`` block."""
+    return tuple(name for name, f in _fields(declaration).items() if f.metadata["top_level"] == top_level)
+
+
+def declared_default(name: str, declaration: type = StudyOptions) -> Any:
+    """The declared default of an option."""
+    spec = _fields(declaration)[name]
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
+def tuner_arguments(options: StudyOptions | Mapping[str, Any], declaration: type = StudyOptions) -> dict[str, Any]:
+    """The :class:`~lightning_fms.tuner.FMSTuner` keyword arguments of options (those for the executor left out).
+
+    Args:
+        options: An instance of the declaration (every field), or a mapping of given options (a recipe's).
+        declaration: The declaration whose fields are the tuner's.
+    """
+    values = options if isinstance(options, Mapping) else {n: getattr(options, n) for n in option_names(declaration)}
+    fields = _fields(declaration)
+    return {name: value for name, value in values.items() if name in fields and not fields[name].metadata["executor"]}
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _union_args(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(
+            typing.get_args(hint)[0], "values"
+        )
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_option(name: str, value: Any, declaration: type = StudyOptions) -> Any:
+    """Validate one option's value (from a recipe or a flag) against its declared type and bounds.
+
+    Returns:
+        The value.
+
+    Raises:
+        FMSError: unknown option, wrong type, a choice that does not exist, below the minimum, an empty string.
+    """
+    spec = _fields(declaration).get(name)
+    if spec is None:
+        raise FMSError(f"unknown option {name!r} (known: {', '.join(option_names(declaration))})")
+    hint = _hints(declaration)[name]
+    if not _matches(value, hint):
+        choices = [a for a in _union_args(hint) if typing.get_origin(a) is Literal]
+        if choices and isinstance(value, str):
+            known = ", ".join(map(str, typing.get_args(choices[0])))
+            raise FMSError(f"unknown {name} {value!r} (expected one of {known})")
+        raise FMSError(f"{name} must be {_describe(hint)}, got {value!r}")
+    if spec.metadata["nonempty"] and value == "":
+        raise FMSError(f"{name} must be a non-empty string, got {value!r}")
+    minimum = spec.metadata["minimum"]
+    if minimum is not None and value is not None and value < minimum:
+        raise FMSError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ flags
+def _flag_kind(name: str, declaration: type) -> tuple[dict[str, Any], Parse | None]:
+    """``add_argument`` keywords and the text parser (``None``: argparse converts) of an option's flag."""
+    spec, hint = _fields(declaration)[name], _hints(declaration)[name]
+    if spec.metadata["parse"] is not None:
+        return {"metavar": name.upper()}, spec.metadata["parse"]
+    kinds = [a for a in _union_args(hint) if a is not type(None)]
+    if len(kinds) == 1 and typing.get_origin(kinds[0]) is Literal:
+        return {"choices": typing.get_args(kinds[0])}, None
+    if kinds in ([int], [float], [str]):
+        return {"type": kinds[0], "metavar": name.upper()}, None
+    if kinds == [bool]:
+        return {"metavar": "true|false"}, _parse_bool
+    if len(kinds) == 1 and (typing.get_origin(kinds[0]) is dict or kinds[0] is dict):
+        return {"metavar": "MAPPING"}, _parse_mapping
+    return {"metavar": name.upper()}, yaml.safe_load  # anything else: a YAML value, checked by check_option
+
+
+def add_option_flags(parser: argparse.ArgumentParser, names: Iterable[str], declaration: type = StudyOptions) -> None:
+    """Add a flag ``--<name>`` per option, generated from the declaration; read them back with :func:`flag_values`.
+
+    A flag's value is converted by the field's type: a ``Literal`` gives the choices, ``int``/``float``/``str``
+    an argparse type, ``bool`` ``true``/``false``, a ``dict`` a YAML mapping, anything else a YAML value, and a
+    field's own ``parse`` wins. Every flag defaults to ``None`` (not given).
+    """
+    for name in names:
+        keywords, _ = _flag_kind(name, declaration)
+        text = _fields(declaration)[name].metadata["help"].replace("``", "")  # the docstring's markup
+        parser.add_argument(f"--{name}", default=None, help=text, **keywords)
+
+
+def flag_values(args: argparse.Namespace, names: Iterable[str], declaration: type = StudyOptions) -> dict[str, Any]:
+    """The options given as flags (those not ``None``), converted and validated by :func:`check_option`.
+
+    Raises:
+        FMSError: a value that does not parse or validate (the message names the flag).
+    """
+    out: dict[str, Any] = {}
+    for name in names:
+        text = getattr(args, name, None)
+        if text is None:
+            continue
+        _, parse = _flag_kind(name, declaration)
+        try:
+            value = parse(text) if parse is not None else text
+        except (ValueError, yaml.YAMLError) as error:
+            raise FMSError(f"--{name} {error}, got {text!r}") from None
+        out[name] = check_option(name, value, declaration)
+    return out
