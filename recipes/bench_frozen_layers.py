@@ -4,7 +4,7 @@ Part 1 (rank agreement). For a ResNet-style and a transformer-style model of the
 TinyResNet width 16, 5 units; ``vit-s``: TinyViT dim 32 depth 2, 5 units), ``--configs`` random fine-tuning
 configurations (lr log-uniform, weight decay log-uniform, momentum, batch size) are each trained for ``--epochs``
 epochs on the digits target task with :class:`~lightning_fms.zoo.ImageClassifier` and the
-:class:`~lightning_fms.frozen.units.FrozenUnits` callback, once per k (every k from 1 to n). Spearman's rho and
+:class:`~lightning_fms.frozen.callback.FrozenUnits` callback, once per k (every k from 1 to n). Spearman's rho and
 Kendall's tau-b between the final validation accuracies at k and at full training (k = n) are reported, with a
 bootstrap 95% interval for rho, the overlap of the top-5 configurations and the regret of picking the best
 configuration at k (full-training accuracy of the best configuration minus that of the one k ranks first). A second
