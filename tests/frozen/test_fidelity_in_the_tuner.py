@@ -4,7 +4,6 @@ import csv
 
 import pytest
 import torch
-from conftest import FAST_SURROGATE
 from safetensors.torch import load_file
 
 from lightning_fms import FMSTuner, SearchSpace
@@ -13,7 +12,7 @@ from lightning_fms.observer import StudyObserver
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 
-def test_tuner_trains_frozen_epochs_with_the_input_side_unchanged(hub, tmp_path):
+def test_tuner_trains_frozen_epochs_with_the_input_side_unchanged(hub, tmp_path, fast_surrogate):
     space = SearchSpace.from_dict(
         {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.05, "high": 0.2}}, hub_entries=["resnet-xs"]
     )
@@ -28,7 +27,7 @@ def test_tuner_trains_frozen_epochs_with_the_input_side_unchanged(hub, tmp_path)
         max_epochs_per_trial=3,
         module_options={"reset_head": True},
         datamodule_options={"task": "target", "batch_size": 64},
-        surrogate_options=FAST_SURROGATE,
+        surrogate_options=fast_surrogate,
         frozen_layers=[0.2],
         weights="stats",
         num_startup_trials=1,
@@ -63,7 +62,7 @@ def test_tuner_trains_frozen_epochs_with_the_input_side_unchanged(hub, tmp_path)
     assert result.best_value is not None
 
 
-def test_a_resumed_two_fidelity_study_makes_the_same_decisions(hub, tmp_path):
+def test_a_resumed_two_fidelity_study_makes_the_same_decisions(hub, tmp_path, fast_surrogate):
     class CrashAfter(StudyObserver):
         def __init__(self, epochs):
             self.epochs = epochs
@@ -87,7 +86,7 @@ def test_a_resumed_two_fidelity_study_makes_the_same_decisions(hub, tmp_path):
             monitor="val_acc",
             max_epochs_per_trial=3,
             datamodule_options={"task": "target", "batch_size": 64},
-            surrogate_options=FAST_SURROGATE,
+            surrogate_options=fast_surrogate,
             num_fresh_candidates=8,
             frozen_layers=True,
             progress=False,

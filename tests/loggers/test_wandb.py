@@ -9,8 +9,6 @@ import sys
 
 import pytest
 import yaml
-from conftest import FAST_SURROGATE
-from test_lightning_cli import FAST, make_cli
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.errors import FMSError
@@ -19,7 +17,7 @@ from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 # ---------------------------------------------------------------------------------------------- the Python API
 @pytest.fixture
-def logged_tuner(hub):
+def logged_tuner(hub, fast_surrogate):
     """``logged_tuner(study, budget, logger, searcher="dyhpo", cap=2) -> FMSTuner`` observed by ``logger``."""
 
     def make(study, budget, logger, searcher="dyhpo", cap=2):
@@ -32,7 +30,7 @@ def logged_tuner(hub):
         return FMSTuner(
             ImageClassifier, DigitsDataModule, space, hub=hub, study_dir=study, budget=budget, monitor="val_acc",
             mode="max", max_epochs_per_trial=cap, searcher=searcher, num_fresh_candidates=8,
-            surrogate_options=dict(FAST_SURROGATE), datamodule_options={"task": "target"},
+            surrogate_options=dict(fast_surrogate), datamodule_options={"task": "target"},
             trainer_options={"accelerator": "cpu", "devices": 1}, progress=False, observers=[logger],
         )  # fmt: skip
 
@@ -123,12 +121,14 @@ def test_without_wandb_the_logger_says_what_to_install(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- through the CLI
-def test_a_sweep_file_through_the_cli_logs_runs_keyed_like_the_sweep(in_cli_dir, read_offline_runs, tmp_path):
+def test_a_sweep_file_through_the_cli_logs_runs_keyed_like_the_sweep(
+    in_cli_dir, make_cli, fast_tuner_flags, read_offline_runs, tmp_path
+):
     study = tmp_path / "s3"
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "sweep.yaml",
                    "--tuner.hub_key", "model.pretrained", "--tuner.budget", "3", "--tuner.max_epochs_per_trial", "2",
                    "--tuner.study_dir", str(study), "--tuner.wandb.project", "fms-digits", "--tuner.wandb.mode",
-                   "offline", "--tuner.wandb.dir", str(tmp_path / "wb"), *FAST)  # fmt: skip
+                   "offline", "--tuner.wandb.dir", str(tmp_path / "wb"), *fast_tuner_flags)  # fmt: skip
     runs = read_offline_runs(tmp_path / "wb")
     sweep = yaml.safe_load((in_cli_dir / "sweep.yaml").read_text())
     trial_runs = [r for r in runs if r["job_type"] == "trial"]
