@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,35 +40,59 @@ def hub_file(hub, tmp_path_factory) -> Path:
     return directory / "hub.yaml"
 
 
-FAST_SURROGATE = {"full_fit_steps": 60, "refine_steps": 10, "full_fits": 2}
+_FAST_SURROGATE = {"full_fit_steps": 60, "refine_steps": 10, "full_fits": 2}
+"""Surrogate options that fit each decision of a tiny study in a fraction of a second."""
 
 
-def recipe_dict(hub_file: Path, **overrides) -> dict:
-    recipe = {
-        "hub": str(hub_file),
-        "model": {"class_path": "lightning_fms.zoo.ImageClassifier"},
-        "data": {"class_path": "lightning_fms.zoo.DigitsDataModule", "init_args": {"task": "target"}},
-        "space": {
-            "hub": {"type": "hub"},
-            "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-            "model.momentum": {"type": "float", "low": 0.0, "high": 0.9},
-            "data.batch_size": {"type": "categorical", "choices": [32, 64]},
-        },
-        "monitor": "val_acc",
-        "mode": "max",
-        "budget": 8,
-        "max_epochs_per_trial": 3,
-        "seed": 0,
-        "tuner": {"searcher": "dyhpo", "num_fresh_candidates": 16, "surrogate_options": dict(FAST_SURROGATE)},
-        "trainer": {"accelerator": "cpu", "devices": 1},
-    }
-    recipe.update(overrides)
-    return recipe
+@pytest.fixture
+def fast_surrogate() -> dict:
+    """Fast surrogate options (``surrogate_options`` of FMSTuner), a fresh dict per test."""
+    return dict(_FAST_SURROGATE)
 
 
-def write_recipe(path: Path, hub_file: Path, **overrides) -> Path:
-    path.write_text(yaml.safe_dump(recipe_dict(hub_file, **overrides)))
-    return path
+@pytest.fixture(scope="session")
+def make_recipe(hub_file) -> Callable[..., dict]:
+    """``make_recipe(**overrides) -> dict``: a small tuner recipe over the session's tiny hub.
+
+    The recipe tunes ImageClassifier on the digits target task (lr, momentum, batch size and the hub entry), 8
+    epochs at most 3 per trial, with the fast surrogate; top-level keys given as overrides replace the defaults
+    (``hub=`` another hub file, ``budget=2``, ``space={...}``).
+    """
+
+    def make(**overrides) -> dict:
+        recipe = {
+            "hub": str(hub_file),
+            "model": {"class_path": "lightning_fms.zoo.ImageClassifier"},
+            "data": {"class_path": "lightning_fms.zoo.DigitsDataModule", "init_args": {"task": "target"}},
+            "space": {
+                "hub": {"type": "hub"},
+                "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+                "model.momentum": {"type": "float", "low": 0.0, "high": 0.9},
+                "data.batch_size": {"type": "categorical", "choices": [32, 64]},
+            },
+            "monitor": "val_acc",
+            "mode": "max",
+            "budget": 8,
+            "max_epochs_per_trial": 3,
+            "seed": 0,
+            "tuner": {"searcher": "dyhpo", "num_fresh_candidates": 16, "surrogate_options": dict(_FAST_SURROGATE)},
+            "trainer": {"accelerator": "cpu", "devices": 1},
+        }
+        recipe.update(overrides)
+        return recipe
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def write_recipe(make_recipe) -> Callable[..., Path]:
+    """``write_recipe(path, **overrides) -> path``: :func:`make_recipe`'s recipe written to ``path`` as YAML."""
+
+    def write(path: Path, **overrides) -> Path:
+        path.write_text(yaml.safe_dump(make_recipe(**overrides)))
+        return path
+
+    return write
 
 
 CLI_RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "cli"
@@ -99,3 +126,24 @@ def in_cli_dir(cli_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(cli_dir))
     monkeypatch.setattr(sys, "argv", ["train.py"])
     return cli_dir
+
+
+@pytest.fixture
+def fast_tuner_flags() -> list[str]:
+    """``--tuner.*`` flags of FMSLightningCLI for a quick study: no progress display, few candidates, fast surrogate."""
+    return ["--tuner.progress", "false", "--tuner.num_fresh_candidates", "8",
+            "--tuner.surrogate_options", json.dumps(_FAST_SURROGATE)]  # fmt: skip
+
+
+@pytest.fixture
+def make_cli(in_cli_dir) -> Callable[..., Any]:
+    """``make_cli(*args) -> FMSLightningCLI``: recipes/cli's DigitsFineTuner on digits, in the copy of recipes/cli."""
+    from digits import DigitsFineTuner
+
+    from lightning_fms.lightning_cli import FMSLightningCLI
+    from lightning_fms.zoo import DigitsDataModule
+
+    def make(*args: str) -> FMSLightningCLI:
+        return FMSLightningCLI(DigitsFineTuner, DigitsDataModule, args=list(args))
+
+    return make

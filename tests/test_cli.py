@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import recipe_dict, write_recipe
 
 from lightning_fms.hub import ModelHub
 
@@ -43,8 +42,8 @@ def tune(recipe, study, *extra, timeout=300):
     return cli("tune", "--config", str(recipe), "--study_dir", str(study), "--no-progress", *extra, timeout=timeout)
 
 
-def test_tune_runs_and_prints_the_best(hub_file, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=5)
+def test_tune_runs_and_prints_the_best(write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", budget=5)
     proc = tune(recipe, tmp_path / "s", "--seed", "1", "--budget", "4")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -79,8 +78,8 @@ def test_tune_runs_and_prints_the_best(hub_file, tmp_path):
         (lambda r: r["tuner"].update(frozen_layers=[0.5, 2.0]), ["frozen_layers fractions must be numbers in (0, 1]"]),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_2(hub_file, tmp_path, mutate, fragments):
-    recipe = recipe_dict(hub_file)
+def test_bad_input_gets_one_line_and_exit_2(make_recipe, tmp_path, mutate, fragments):
+    recipe = make_recipe()
     mutate(recipe)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -89,8 +88,8 @@ def test_bad_input_gets_one_line_and_exit_2(hub_file, tmp_path, mutate, fragment
     assert not (tmp_path / "s/state.pt").exists()
 
 
-def test_frozen_layers_flag(hub_file, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=2)
+def test_frozen_layers_flag(write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", budget=2)
     proc = tune(recipe, tmp_path / "bad", "--frozen_layers", "0.5,half")
     assert_one_line_error(proc, "--frozen_layers must be true, false or fractions")
     proc = tune(recipe, tmp_path / "s", "--frozen_layers", "0.3")
@@ -106,8 +105,8 @@ def test_malformed_yaml(tmp_path):
     assert_one_line_error(tune(path, tmp_path / "s"), "not valid YAML")
 
 
-def test_budget_flag_below_one(hub_file, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file)
+def test_budget_flag_below_one(write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
     assert_one_line_error(tune(recipe, tmp_path / "s", "--budget", "0"), "budget must be >= 1")
 
 
@@ -116,24 +115,26 @@ class _Evil:
         return (os.system, ("touch PWNED",))
 
 
-def test_hub_file_with_pickled_code_is_refused_not_run(hub, tmp_path):
+def test_hub_file_with_pickled_code_is_refused_not_run(hub, tmp_path, write_recipe):
     entries = list(hub)
     evil = tmp_path / "evil.pt"
     torch.save({"weight": _Evil()}, evil)
     entries[0] = dataclasses.replace(entries[0], weights=evil, sha256=None)
     ModelHub(entries, name="evil").to_yaml(tmp_path / "hub.yaml")
     recipe = write_recipe(
-        tmp_path / "r.yaml", tmp_path / "hub.yaml", space={"hub": {"type": "hub", "choices": [entries[0].name]}}
+        tmp_path / "r.yaml",
+        hub=str(tmp_path / "hub.yaml"),
+        space={"hub": {"type": "hub", "choices": [entries[0].name]}},
     )
     proc = cli("tune", "--config", str(recipe), "--study_dir", str(tmp_path / "s"), "--no-progress", cwd=tmp_path)
     assert_one_line_error(proc, "pickled code")
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_locked_study_is_refused(hub_file, tmp_path):
+def test_locked_study_is_refused(write_recipe, tmp_path):
     from lightning_fms.study.directory import StudyDirectory
 
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file)
+    recipe = write_recipe(tmp_path / "r.yaml")
     with StudyDirectory(tmp_path / "s"):
         assert_one_line_error(tune(recipe, tmp_path / "s"), "in use by another tuner")
 
@@ -145,8 +146,8 @@ def _epochs_recorded(study: Path) -> int:
         return 0
 
 
-def test_sigkill_then_rerun_resumes_with_the_same_decisions(hub_file, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=10)
+def test_sigkill_then_rerun_resumes_with_the_same_decisions(write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", budget=10)
     reference = tune(recipe, tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
 
 from lightning_fms.errors import FMSError
 
@@ -99,8 +98,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_without_matplotlib_the_study_runs_and_skips_regret_png_with_one_warning(hub_file, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", hub_file, budget=2)
+def test_without_matplotlib_the_study_runs_and_skips_regret_png_with_one_warning(write_recipe, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", budget=2)
     study = tmp_path / "s"
     proc = subprocess.run(
         [sys.executable, "-c", WITHOUT_MATPLOTLIB, "tune", "--config", str(recipe), "--study_dir", str(study),

@@ -11,18 +11,7 @@ import torch
 import yaml
 
 from lightning_fms.errors import FMSError
-from lightning_fms.lightning_cli import FMSLightningCLI, rewrite_tuner_flag
-
-FAST = ["--tuner.progress", "false", "--tuner.num_fresh_candidates", "8",
-        "--tuner.surrogate_options", "{full_fit_steps: 60, refine_steps: 10, full_fits: 2}"]  # fmt: skip
-
-
-def make_cli(*args):
-    from digits import DigitsFineTuner
-
-    from lightning_fms.zoo import DigitsDataModule
-
-    return FMSLightningCLI(DigitsFineTuner, DigitsDataModule, args=list(args))
+from lightning_fms.lightning_cli import rewrite_tuner_flag
 
 
 def test_rewrite_tuner_flag(tmp_path):
@@ -43,7 +32,7 @@ def test_rewrite_tuner_flag(tmp_path):
         rewrite_tuner_flag(["fit", "--tuner"])
 
 
-def test_without_tuner_it_is_lightning_cli(in_cli_dir, tmp_path):
+def test_without_tuner_it_is_lightning_cli(make_cli, tmp_path):
     cli = make_cli("fit", "--config", "cfg.yaml", "--model.pretrained", "weights/cnn-s.safetensors",
                    "--trainer.default_root_dir", str(tmp_path),
                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -59,11 +48,13 @@ def _trial_config(study: Path, trial_id: int) -> dict:
     return next(t["config"] for t in json.loads((study / "study.json").read_text())["trials"] if t["id"] == trial_id)
 
 
-def test_each_trial_is_built_by_the_cli_and_its_checkpoint_records_what_it_trained_with(in_cli_dir, tmp_path):
+def test_each_trial_is_built_by_the_cli_and_its_checkpoint_records_what_it_trained_with(
+    in_cli_dir, make_cli, tmp_path, fast_tuner_flags
+):
     study = tmp_path / "study"
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
                    "--tuner.budget", "4", "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study),
-                   "--tuner.max_epochs_key", "model.max_epochs", *FAST)  # fmt: skip
+                   "--tuner.max_epochs_key", "model.max_epochs", *fast_tuner_flags)  # fmt: skip
     result = cli.tune_result
     assert result is not None and result.epochs_spent == 4
     files = {f"weights/{n}.safetensors": str((in_cli_dir / "weights" / f"{n}.safetensors").resolve())
@@ -113,13 +104,14 @@ def assert_one_line_error(returncode, stderr, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_lightning_fms_fit_without_a_script(cli_dir, tmp_path):
+def test_lightning_fms_fit_without_a_script(cli_dir, tmp_path, fast_tuner_flags):
     study = tmp_path / "study"
     proc = cli("-m", "lightning_fms.cli", "fit", "--model", "digits.DigitsFineTuner",
                "--data", "lightning_fms.zoo.DigitsDataModule", "--config", "cfg.yaml",
                "--tuner", "fms", "--tuner.space", "sweep.yaml", "--tuner.hub_key", "model.pretrained",
                "--tuner.max_epochs_key", "model.init_args.max_epochs", "--tuner.budget", "3",
-               "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study), *FAST, cwd=cli_dir)  # fmt: skip
+               "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study), *fast_tuner_flags,
+               cwd=cli_dir)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["epochs_spent"] == 3
@@ -182,7 +174,7 @@ def test_bad_input_gets_one_line_and_exit_2_before_training(cli_dir, tmp_path):
         ([], "needs --tuner.space"),
     ],
 )  # fmt: skip
-def test_more_bad_input_in_process(in_cli_dir, tmp_path, capsys, args, fragment):
+def test_more_bad_input_in_process(make_cli, tmp_path, capsys, args, fragment):
     with pytest.raises(SystemExit) as info:
         make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.study_dir", str(tmp_path / "s"), *args)
     assert info.value.code == 2
@@ -191,30 +183,31 @@ def test_more_bad_input_in_process(in_cli_dir, tmp_path, capsys, args, fragment)
     assert not (tmp_path / "s").exists()
 
 
-def test_tuner_only_runs_fit(in_cli_dir, capsys):
+def test_tuner_only_runs_fit(make_cli, capsys):
     with pytest.raises(SystemExit) as info:
         make_cli("test", "--config", "cfg.yaml", "--tuner", "fms")
     assert info.value.code == 2
     assert_one_line_error(2, capsys.readouterr().err, "--tuner runs with the 'fit' subcommand")
 
 
-def test_wandb_options_without_wandb_say_what_to_install(in_cli_dir, tmp_path, monkeypatch, capsys):
+def test_wandb_options_without_wandb_say_what_to_install(make_cli, tmp_path, monkeypatch, capsys, fast_tuner_flags):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(SystemExit) as info:
         make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
-                 "--tuner.study_dir", str(tmp_path / "s"), "--tuner.wandb.project", "p", *FAST)  # fmt: skip
+                 "--tuner.study_dir", str(tmp_path / "s"), "--tuner.wandb.project", "p", *fast_tuner_flags)  # fmt: skip
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "lightning-fms: error: W&B logging needs the wandb package: pip install 'lightning_fms[wandb]'" in err
     assert not (tmp_path / "s" / "trials").exists()
 
 
-def test_hub_weight_files_feed_the_featurizer(in_cli_dir, tmp_path):
+def test_hub_weight_files_feed_the_featurizer(make_cli, tmp_path, fast_tuner_flags):
     """FMS through the CLI: the weight files of the hub choice are the featurizer's starting weights."""
     study = tmp_path / "study"
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
                    "--tuner.budget", "4", "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study),
-                   "--tuner.max_epochs_key", "model.max_epochs", "--tuner.weights", "stats", *FAST)  # fmt: skip
+                   "--tuner.max_epochs_key", "model.max_epochs", "--tuner.weights", "stats",
+                   *fast_tuner_flags)  # fmt: skip
     assert cli.tune_result is not None and cli.tune_result.epochs_spent == 4
     # every trained epoch left a weight snapshot for the featurizer, as safetensors
     snapshots = sorted(p.name for p in (study / "weights").glob("*.safetensors"))
@@ -222,7 +215,7 @@ def test_hub_weight_files_feed_the_featurizer(in_cli_dir, tmp_path):
     assert cli.tune_result.best_value is not None
 
 
-def test_frozen_layers_through_the_cli(in_cli_dir, tmp_path):
+def test_frozen_layers_through_the_cli(make_cli, tmp_path, fast_tuner_flags):
     """`--tuner.frozen_layers` turns on the second fidelity: frozen epochs are charged less than a full one."""
     import csv
 
@@ -230,7 +223,7 @@ def test_frozen_layers_through_the_cli(in_cli_dir, tmp_path):
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
                    "--tuner.budget", "2", "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", str(study),
                    "--tuner.max_epochs_key", "model.max_epochs", "--tuner.frozen_layers", "[0.25]",
-                   *FAST)  # fmt: skip
+                   *fast_tuner_flags)  # fmt: skip
     assert cli.tune_result is not None
     with open(study / "trajectory.csv") as f:
         rows = list(csv.DictReader(f))

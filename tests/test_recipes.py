@@ -47,7 +47,7 @@ def test_python_api_recipe(hub, tmp_path, monkeypatch):
 
 
 def test_cli_recipe_as_documented(hub, tmp_path, monkeypatch):
-    """recipes/cli: make_weights.py, then train.py with the W&B sweep file (W&B logging: tests/test_wandb.py)."""
+    """recipes/cli: make_weights.py, then train.py with the W&B sweep file (W&B logging: tests/loggers/)."""
     work = tmp_path / "cli"
     shutil.copytree(ROOT / "recipes" / "cli", work, ignore=shutil.ignore_patterns("weights", "__pycache__", "runs"))
     cache = tmp_path / "cache"

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from conftest import FAST_SURROGATE
 
 from lightning_fms import CheckpointError, FMSError, FMSTuner, SearchSpace, StudyLockedError, TrialStatus
 from lightning_fms.observer import StudyObserver
@@ -53,25 +52,31 @@ class SilentClassifier(ImageClassifier):
         return None
 
 
-def make_tuner(hub, study_dir, module=ImageClassifier, space_spec=SPACE_SPEC, **kw):
-    options = {
-        "budget": 8,
-        "monitor": "val_acc",
-        "max_epochs_per_trial": 3,
-        "seed": 0,
-        "num_fresh_candidates": 16,
-        "surrogate_options": dict(FAST_SURROGATE),
-        "trainer_options": {"accelerator": "cpu"},
-        "progress": False,
-    }
-    options.update(kw)
-    space = SearchSpace.from_dict(space_spec, hub_entries=hub.names)
-    return FMSTuner(module, DigitsDataModule, space, study_dir=study_dir, hub=hub, **options)
+@pytest.fixture
+def make_tuner(hub, fast_surrogate):
+    """``make_tuner(study_dir, module=ImageClassifier, space_spec=SPACE_SPEC, **options) -> FMSTuner`` on the hub."""
+
+    def make(study_dir, module=ImageClassifier, space_spec=SPACE_SPEC, **kw):
+        options = {
+            "budget": 8,
+            "monitor": "val_acc",
+            "max_epochs_per_trial": 3,
+            "seed": 0,
+            "num_fresh_candidates": 16,
+            "surrogate_options": dict(fast_surrogate),
+            "trainer_options": {"accelerator": "cpu"},
+            "progress": False,
+        }
+        options.update(kw)
+        space = SearchSpace.from_dict(space_spec, hub_entries=hub.names)
+        return FMSTuner(module, DigitsDataModule, space, study_dir=study_dir, hub=hub, **options)
+
+    return make
 
 
-def test_study_spends_budget_and_writes_outputs(hub, tmp_path):
+def test_study_spends_budget_and_writes_outputs(make_tuner, hub, tmp_path):
     observer = RecordingObserver()
-    tuner = make_tuner(hub, tmp_path / "study", observers=[observer])
+    tuner = make_tuner(tmp_path / "study", observers=[observer])
     result = tuner.run()
     assert result.epochs_spent == 8
     assert observer.calls[0] == ("start", 0) and observer.calls[-1] == ("end", 8)
@@ -108,13 +113,13 @@ def test_study_spends_budget_and_writes_outputs(hub, tmp_path):
         assert [int(r["epoch"]) for r in logged] == list(range(trial.epochs))
         assert [float(r["val_acc"]) for r in logged] == pytest.approx(trial.values)
     # rerunning a finished study resumes and trains nothing more
-    again = make_tuner(hub, tmp_path / "study").run()
+    again = make_tuner(tmp_path / "study").run()
     assert again.epochs_spent == 8 and again.best_value == result.best_value
 
 
-def test_failing_and_diverging_trials_are_recorded_and_the_study_goes_on(hub, tmp_path):
+def test_failing_and_diverging_trials_are_recorded_and_the_study_goes_on(make_tuner, tmp_path):
     spec = {**SPACE_SPEC, "model.fault": {"type": "categorical", "choices": ["ok", "raise", "nan"]}}
-    tuner = make_tuner(hub, tmp_path / "study", module=FlakyClassifier, space_spec=spec, budget=10, searcher="random")
+    tuner = make_tuner(tmp_path / "study", module=FlakyClassifier, space_spec=spec, budget=10, searcher="random")
     result = tuner.run()
     assert result.epochs_spent == 10
     trials = tuner.optimizer.trials.values()
@@ -131,39 +136,39 @@ def test_failing_and_diverging_trials_are_recorded_and_the_study_goes_on(hub, tm
     assert any(t["error"] for t in results["trials"])
 
 
-def test_metric_never_logged_stops_before_recording_anything(hub, tmp_path):
-    tuner = make_tuner(hub, tmp_path / "study", module=SilentClassifier)
+def test_metric_never_logged_stops_before_recording_anything(make_tuner, tmp_path):
+    tuner = make_tuner(tmp_path / "study", module=SilentClassifier)
     with pytest.raises(FMSError, match="'val_acc' was never logged"):
         tuner.run()
     assert not (tmp_path / "study/state.pt").exists()
 
 
-def test_tampered_checkpoint_is_refused_and_state_kept(hub, tmp_path):
-    make_tuner(hub, tmp_path / "study", budget=4, searcher="random").run()
+def test_tampered_checkpoint_is_refused_and_state_kept(make_tuner, tmp_path):
+    make_tuner(tmp_path / "study", budget=4, searcher="random").run()
     before = (tmp_path / "study/state.pt").read_bytes()
     (ckpt,) = list((tmp_path / "study/trials").rglob("*.ckpt"))
     ckpt.write_bytes(ckpt.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="modified after the study wrote it"):
-        make_tuner(hub, tmp_path / "study", budget=6, searcher="random").run()
+        make_tuner(tmp_path / "study", budget=6, searcher="random").run()
     assert (tmp_path / "study/state.pt").read_bytes() == before
 
 
-def test_second_tuner_on_the_same_study_is_refused(hub, tmp_path):
+def test_second_tuner_on_the_same_study_is_refused(make_tuner, tmp_path):
     holder = StudyDirectory(tmp_path / "study")
     holder.lock()
     try:
         with pytest.raises(StudyLockedError, match="in use by another tuner"):
-            make_tuner(hub, tmp_path / "study").run()
+            make_tuner(tmp_path / "study").run()
     finally:
         holder.unlock()
 
 
 @pytest.mark.parametrize("weights", ["gmn", "stats"])
-def test_fms_study_with_weights_resumes_with_the_same_decisions(hub, tmp_path, weights):
-    straight = make_tuner(hub, tmp_path / "straight", weights=weights, budget=9)
+def test_fms_study_with_weights_resumes_with_the_same_decisions(make_tuner, tmp_path, weights):
+    straight = make_tuner(tmp_path / "straight", weights=weights, budget=9)
     straight.run()
-    make_tuner(hub, tmp_path / "split", weights=weights, budget=5).run()
-    resumed = make_tuner(hub, tmp_path / "split", weights=weights, budget=9)  # a new process would do the same
+    make_tuner(tmp_path / "split", weights=weights, budget=5).run()
+    resumed = make_tuner(tmp_path / "split", weights=weights, budget=9)  # a new process would do the same
     resumed.run()
     key = lambda d: (d["trial"], d["epoch"], d["value"])  # noqa: E731
     assert [key(d) for d in resumed.optimizer.decisions] == [key(d) for d in straight.optimizer.decisions]
@@ -172,8 +177,8 @@ def test_fms_study_with_weights_resumes_with_the_same_decisions(hub, tmp_path, w
     assert len(snapshots) == 9 and all(name.endswith(".safetensors") for name in snapshots)
 
 
-def test_featurizer_that_cannot_read_the_hub_is_refused_before_training(hub, tmp_path):
+def test_featurizer_that_cannot_read_the_hub_is_refused_before_training(make_tuner, tmp_path):
     # NFN embeds what is not a plain chain from statistics unless told not to
     with pytest.raises(FMSError, match="weights='nfn' cannot embed hub entry"):
-        make_tuner(hub, tmp_path / "study", weights="nfn", featurizer_options={"fallback": False})
+        make_tuner(tmp_path / "study", weights="nfn", featurizer_options={"fallback": False})
     assert not (tmp_path / "study/state.pt").exists()

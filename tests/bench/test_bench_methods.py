@@ -4,94 +4,22 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from lightning_fms.bench.ledger import Ledger
-from lightning_fms.bench.methods import METHODS, RunOptions, check_methods, run_method
+from lightning_fms.bench.methods import METHODS, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, normalised_regret, rank_correlation, to_scores
 from lightning_fms.bench.peers import hyperband_brackets, nearest, rung_epochs
 from lightning_fms.bench.pool import Pool
 from lightning_fms.errors import FMSError
-from lightning_fms.hub import ModelHub
-from lightning_fms.search.seeds import derive_seed
-from lightning_fms.search.space import SearchSpace
-
-FAST = RunOptions(
-    surrogate_options={"full_fit_steps": 30, "refine_steps": 5, "full_fits": 1},
-    gp_options={"steps": 20},
-    num_fresh_candidates=16,
-)
-
-
-class PerturbedHub:
-    """``(index, epoch) -> module``: the configuration's hub entry with weights perturbed per (index, epoch).
-
-    A class (not a closure) so that a pool using it pickles.
-    """
-
-    def __init__(self, hub: ModelHub, configs: list[dict[str, Any]], hub_key: str = "hub") -> None:
-        self.hub = hub
-        self.configs = configs
-        self.hub_key = hub_key
-        self._base: dict[str, dict[str, torch.Tensor]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_base": {}}
-
-    def hub_module(self, name: str) -> torch.nn.Module:
-        if name not in self._base:
-            self._base[name] = {k: v.clone() for k, v in self.hub.build(name).state_dict().items()}
-        module = self.hub.build(name)
-        module.load_state_dict(self._base[name])
-        return module
-
-    def __call__(self, index: int, epoch: int) -> torch.nn.Module:
-        module = self.hub_module(self.configs[index][self.hub_key])
-        if epoch > 0:
-            generator = torch.Generator().manual_seed(derive_seed("synthetic", index, epoch))
-            with torch.no_grad():
-                for p in module.parameters():
-                    p.add_(0.01 * epoch * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-        return module
-
-
-def synthetic_pool(
-    hub: ModelHub, n: int = 40, epochs: int = 6, seed: int = 0, mode: str = "max", name: str = "synthetic"
-) -> Pool:
-    """A pool over the tiny hub: rising curves whose level depends on the hub entry, lr and momentum."""
-    space = SearchSpace.from_dict(
-        {
-            "hub": {"type": "hub"},
-            "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-            "model.momentum": {"type": "float", "low": 0.0, "high": 0.9},
-        },
-        hub_entries=hub.names,
-    )
-    rng = np.random.default_rng(seed)
-    configs = [space.sample(rng) for _ in range(n)]
-    quality = {entry: 0.55 + 0.05 * k for k, entry in enumerate(hub.names)}
-    level = np.array(
-        [quality[c["hub"]] - 0.1 * (math.log10(c["model.lr"]) + 1.5) ** 2 + 0.05 * c["model.momentum"] for c in configs]
-    )
-    tau = 0.5 + 3 * rng.random(n)
-    k = np.arange(1, epochs + 1)
-    val = level[:, None] * (1 - np.exp(-k[None, :] / tau[:, None])) + 0.005 * rng.standard_normal((n, epochs))
-    test = val + 0.02 * rng.standard_normal((n, epochs))
-    seconds = 1.0 + 0.5 * rng.random((n, epochs))
-    if mode == "min":
-        val, test = 1 - val, 1 - test
-    loader = PerturbedHub(hub, configs)
-    return Pool(name, space, configs, val, test, seconds, mode, loader, loader.hub_module, {"seed": seed})
 
 
 @pytest.fixture(scope="module")
-def pool(hub) -> Pool:
-    return synthetic_pool(hub)
+def pool(synthetic_pool) -> Pool:
+    return synthetic_pool()
 
 
 def choices(run) -> list[tuple[int, int, float]]:
@@ -102,10 +30,10 @@ CHEAP = ["dyhpo", "gp", "random", "hyperband", "asha", "optuna", "fms-stats", "f
 
 
 @pytest.mark.parametrize("name", CHEAP)
-def test_every_method_spends_exactly_the_budget_and_reruns_identically(pool, name):
-    first = run_method(name, pool, 15, seed=1, kendall_at=(10,), options=FAST)
-    again = run_method(name, pool, 15, seed=1, kendall_at=(10,), options=FAST)
-    other = run_method(name, pool, 15, seed=2, kendall_at=(10,), options=FAST)
+def test_every_method_spends_exactly_the_budget_and_reruns_identically(pool, name, fast_options):
+    first = run_method(name, pool, 15, seed=1, kendall_at=(10,), options=fast_options)
+    again = run_method(name, pool, 15, seed=1, kendall_at=(10,), options=fast_options)
+    other = run_method(name, pool, 15, seed=2, kendall_at=(10,), options=fast_options)
     assert first.epochs_spent == 15 and not first.exhausted
     assert [r["epochs_spent"] for r in first.rows] == list(range(1, 16))
     assert choices(first) == choices(again)
@@ -128,20 +56,20 @@ def test_every_method_spends_exactly_the_budget_and_reruns_identically(pool, nam
 
 
 @pytest.mark.parametrize("name", ["fms-gmn", "fms-nfn"])
-def test_the_weight_featurizers_run_on_the_pool_reproducibly(pool, name):
-    run = run_method(name, pool, 8, seed=0, kendall_at=(8,), options=FAST)
-    again = run_method(name, pool, 8, seed=0, kendall_at=(8,), options=FAST)
+def test_the_weight_featurizers_run_on_the_pool_reproducibly(pool, name, fast_options):
+    run = run_method(name, pool, 8, seed=0, kendall_at=(8,), options=fast_options)
+    again = run_method(name, pool, 8, seed=0, kendall_at=(8,), options=fast_options)
     assert run.epochs_spent == 8
     assert math.isfinite(run.kendall[0]["kendall_tau"])
     assert choices(run) == choices(again) and run.kendall == again.kendall
 
 
 @pytest.mark.parametrize("name", ["fms-stats", "gp", "random", "hyperband", "asha", "optuna"])
-def test_failed_curves_are_never_incumbents_and_the_budget_is_still_spent(hub, name):
-    pool = synthetic_pool(hub, n=16, epochs=4)
+def test_failed_curves_are_never_incumbents_and_the_budget_is_still_spent(synthetic_pool, name, fast_options):
+    pool = synthetic_pool(n=16, epochs=4)
     pool.val[:5, 1:] = np.nan  # five configurations diverge after their first epoch
     pool.val[5, :] = np.nan  # one fails at once
-    run = run_method(name, pool, 30, seed=0, kendall_at=(30,), options=FAST)
+    run = run_method(name, pool, 30, seed=0, kendall_at=(30,), options=fast_options)
     assert run.epochs_spent == 30 and not run.exhausted
     best = run.column("best_val")
     assert np.isfinite(best[np.isfinite(best)]).all()
@@ -162,16 +90,16 @@ def test_regret_is_monotone_in_unit_range_and_zero_iff_the_best_was_seen(pool):
             assert (g == 0) == bool(seen & best_cells)
 
 
-def test_min_mode_regret_uses_negated_scores(hub):
-    pool = synthetic_pool(hub, n=12, epochs=3, mode="min")
+def test_min_mode_regret_uses_negated_scores(synthetic_pool):
+    pool = synthetic_pool(n=12, epochs=3, mode="min")
     bounds = RegretBounds.of(pool.val, pool.test, "min")
     assert bounds.best_val == pytest.approx(-np.nanmin(pool.val))
     run = run_method("random", pool, 36, seed=0, kendall_at=())
     assert run.rows[-1]["best_val"] == pytest.approx(np.nanmin(pool.val))
 
 
-def test_test_regret_follows_the_validation_selected_incumbent(hub):
-    pool = synthetic_pool(hub, n=3, epochs=2)
+def test_test_regret_follows_the_validation_selected_incumbent(synthetic_pool):
+    pool = synthetic_pool(n=3, epochs=2)
     pool.val[:] = [[0.1, 0.2], [0.3, 0.9], [0.2, 0.4]]
     pool.test[:] = [[0.1, 0.95], [0.3, 0.5], [0.2, 0.4]]
     run = run_method("random", pool, 6, seed=0, kendall_at=())
@@ -195,8 +123,8 @@ def test_rank_correlation_pairs_the_same_configurations():
     assert rank_correlation(np.array([1.0, np.nan, 0.0]), np.array([1.0, 0.0, 0.0]))["n_configs"] == 2
 
 
-def test_recorded_kendall_is_over_all_pool_configurations_against_true_final_scores(pool):
-    run = run_method("dyhpo", pool, 12, seed=0, kendall_at=(6, 12, 99), options=FAST)
+def test_recorded_kendall_is_over_all_pool_configurations_against_true_final_scores(pool, fast_options):
+    run = run_method("dyhpo", pool, 12, seed=0, kendall_at=(6, 12, 99), options=fast_options)
     assert [k["epochs_spent"] for k in run.kendall] == [6, 12]
     true_final = to_scores(pool.val[:, -1], pool.mode)
     for record in run.kendall:
@@ -206,8 +134,8 @@ def test_recorded_kendall_is_over_all_pool_configurations_against_true_final_sco
         assert record["spearman"] == pytest.approx(stats.spearmanr(predicted, true_final).statistic)
     # forecasting is read-only: the same run without checks makes the same choices
     for name in ("dyhpo", "fms-stats"):
-        checked = run if name == "dyhpo" else run_method(name, pool, 12, seed=0, kendall_at=(6,), options=FAST)
-        assert choices(run_method(name, pool, 12, seed=0, kendall_at=(), options=FAST)) == choices(checked)
+        checked = run if name == "dyhpo" else run_method(name, pool, 12, seed=0, kendall_at=(6,), options=fast_options)
+        assert choices(run_method(name, pool, 12, seed=0, kendall_at=(), options=fast_options)) == choices(checked)
 
 
 def test_hyperband_brackets_follow_the_eta_rule():
@@ -221,8 +149,8 @@ def test_hyperband_brackets_follow_the_eta_rule():
     ]
 
 
-def test_hyperband_promotes_the_best_third_and_continues_them(hub):
-    pool = synthetic_pool(hub, n=60, epochs=9)  # rungs 1, 3, 9: first bracket 9 -> 3 -> 1
+def test_hyperband_promotes_the_best_third_and_continues_them(synthetic_pool):
+    pool = synthetic_pool(n=60, epochs=9)  # rungs 1, 3, 9: first bracket 9 -> 3 -> 1
     assert hyperband_brackets(9)[0] == [(9, 1), (3, 3), (1, 9)]
     run = run_method("hyperband", pool, 9 + 3 * 2 + 6, seed=4, kendall_at=())
     rows = run.rows
@@ -255,8 +183,8 @@ def test_asha_promotes_only_from_the_top_third(pool):
     assert promotions >= 3
 
 
-def test_optuna_prunes_clearly_bad_curves(hub):
-    pool = synthetic_pool(hub, n=80, epochs=9)
+def test_optuna_prunes_clearly_bad_curves(synthetic_pool):
+    pool = synthetic_pool(n=80, epochs=9)
     bad = pool.val[:, -1] < np.quantile(pool.val[:, -1], 0.5)
     pool.val[bad] = 0.01  # half of the pool is flat at the bottom from epoch 1
     run = run_method("optuna", pool, 120, seed=0, kendall_at=())

@@ -12,29 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_fms.bench.methods import METHODS, RunOptions
+from lightning_fms.bench.methods import METHODS
 from lightning_fms.bench.metrics import mean_ci, step_resample, wall_grid
 from lightning_fms.bench.runner import KENDALL_COLUMNS, RESULT_COLUMNS, PoolSource, run_bench, run_path
 from lightning_fms.errors import FMSError
 
-try:  # tests/bench as a package or as a rootdir-style folder
-    from .test_bench_methods import synthetic_pool
-except ImportError:
-    from test_bench_methods import synthetic_pool
-
-FAST = RunOptions(
-    surrogate_options={"full_fit_steps": 30, "refine_steps": 5, "full_fits": 1},
-    gp_options={"steps": 20},
-    num_fresh_candidates=16,
-)
 METHODS_USED = ["dyhpo", "random", "hyperband", "optuna"]
 
 
 @pytest.fixture(scope="module")
-def pools(hub):
+def pools(synthetic_pool):
     return [
-        synthetic_pool(hub, n=30, epochs=5, name="task-a"),
-        synthetic_pool(hub, n=30, epochs=5, seed=1, name="task-b"),
+        synthetic_pool(n=30, epochs=5, name="task-a"),
+        synthetic_pool(n=30, epochs=5, seed=1, name="task-b"),
     ]
 
 
@@ -43,7 +33,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_run_bench_writes_tables_report_and_resumes(pools, tmp_path):
+def test_run_bench_writes_tables_report_and_resumes(pools, tmp_path, fast_options):
     lines: list[str] = []
     result = run_bench(
         pools,
@@ -53,7 +43,7 @@ def test_run_bench_writes_tables_report_and_resumes(pools, tmp_path):
         out_dir=tmp_path,
         kendall_at=(6, 12),
         progress=lines.append,
-        options=FAST,
+        options=fast_options,
     )
     assert result.ran == 2 * 4 * 2 and result.cached == 0
     assert sum(" seed " in line for line in lines) == 16
@@ -83,7 +73,14 @@ def test_run_bench_writes_tables_report_and_resumes(pools, tmp_path):
     run_file = run_path(tmp_path, "task-a", "optuna", 1)
     mtime = run_file.stat().st_mtime_ns
     again = run_bench(
-        pools, METHODS_USED, seeds=2, budget=12, out_dir=tmp_path, kendall_at=(6, 12), progress=None, options=FAST
+        pools,
+        METHODS_USED,
+        seeds=2,
+        budget=12,
+        out_dir=tmp_path,
+        kendall_at=(6, 12),
+        progress=None,
+        options=fast_options,
     )
     assert again.ran == 0 and again.cached == 16
     assert run_file.stat().st_mtime_ns == mtime
@@ -98,16 +95,16 @@ def test_run_bench_writes_tables_report_and_resumes(pools, tmp_path):
         out_dir=tmp_path,
         kendall_at=(6,),
         progress=None,
-        options=FAST,
+        options=fast_options,
     )
     assert third.ran == 1 and third.cached == 1  # dyhpo's forecast checks changed; random has none
     assert json.loads(run_path(tmp_path, "task-a", "dyhpo", 1).read_text())["bench_settings"]["kendall_at"] == [6]
 
 
-def test_a_changed_pool_or_budget_invalidates_cached_runs(pools, tmp_path):
+def test_a_changed_pool_or_budget_invalidates_cached_runs(pools, tmp_path, synthetic_pool):
     run_bench(pools[:1], ["random"], seeds=1, budget=10, out_dir=tmp_path, progress=None)
     assert run_bench(pools[:1], ["random"], seeds=1, budget=11, out_dir=tmp_path, progress=None).ran == 1
-    changed = synthetic_pool(pools[0].load_module.hub, n=30, epochs=5, seed=7, name="task-a")
+    changed = synthetic_pool(n=30, epochs=5, seed=7, name="task-a")
     assert run_bench([changed], ["random"], seeds=1, budget=11, out_dir=tmp_path, progress=None).ran == 1
 
 
@@ -123,8 +120,8 @@ def test_parallel_jobs_match_the_sequential_run(pools, tmp_path):
         assert [(r["config"], r["epoch"]) for r in x.rows] == [(r["config"], r["epoch"]) for r in y.rows]
 
 
-def test_unpicklable_pools_need_one_job(pools, tmp_path):
-    pool = synthetic_pool(pools[0].load_module.hub, n=10, epochs=3, name="closure")
+def test_unpicklable_pools_need_one_job(pools, tmp_path, synthetic_pool):
+    pool = synthetic_pool(n=10, epochs=3, name="closure")
     pool.load_hub_module = lambda name: None  # a closure does not pickle
     with pytest.raises(FMSError, match="use jobs=1 or give it as a PoolSource"):
         run_bench([pool], ["random"], seeds=2, budget=5, out_dir=tmp_path, jobs=2, progress=None)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import recipe_dict
 from safetensors.torch import load_file
 
 import lightning_fms.bench.pool_build as pool_build
@@ -27,26 +26,38 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE, EPOCHS = 6, 3
 
 
-def task_dict(hub_file: Path, **pool) -> dict:
-    data = recipe_dict(hub_file, max_epochs_per_trial=pool.get("epochs", EPOCHS))
-    data["data"]["init_args"]["test_fraction"] = 0.25
-    # dropout draws random numbers and differs between train and eval mode: the comparison with the
-    # executor below then also checks that the test evaluation leaves both alone
-    data["space"]["model.dropout"] = {"type": "float", "low": 0.1, "high": 0.5}
-    data["name"] = "tiny"
-    data["pool"] = {"size": SIZE, "epochs": EPOCHS, "seed": 0, **pool}
-    return data
+@pytest.fixture(scope="session")
+def make_task(make_recipe):
+    """``make_task(**pool) -> dict``: a benchmark task over the tiny hub, ``pool`` keys overriding its pool section."""
+
+    def make(**pool) -> dict:
+        data = make_recipe(max_epochs_per_trial=pool.get("epochs", EPOCHS))
+        data["data"]["init_args"]["test_fraction"] = 0.25
+        # dropout draws random numbers and differs between train and eval mode: the comparison with the
+        # executor below then also checks that the test evaluation leaves both alone
+        data["space"]["model.dropout"] = {"type": "float", "low": 0.1, "high": 0.5}
+        data["name"] = "tiny"
+        data["pool"] = {"size": SIZE, "epochs": EPOCHS, "seed": 0, **pool}
+        return data
+
+    return make
 
 
-def write_task(path: Path, hub_file: Path, **pool) -> Path:
-    path.write_text(yaml.safe_dump(task_dict(hub_file, **pool)))
-    return path
+@pytest.fixture(scope="session")
+def write_task(make_task):
+    """``write_task(path, **pool) -> path``: :func:`make_task`'s task written to ``path`` as YAML."""
+
+    def write(path: Path, **pool) -> Path:
+        path.write_text(yaml.safe_dump(make_task(**pool)))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="module")
-def built(hub_file, tmp_path_factory):
+def built(write_task, tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
-    task = BenchTask.from_file(write_task(root / "tiny.yaml", hub_file))
+    task = BenchTask.from_file(write_task(root / "tiny.yaml"))
     torch.set_num_threads(1)
     return task, build_pool(task, cache_dir=root / "cache"), root
 
@@ -142,8 +153,8 @@ def test_a_deleted_configuration_is_retrained_alone_and_identically(built, tmp_p
     assert trained == []
 
 
-def test_an_interrupted_build_resumes_with_the_missing_configurations(hub_file, tmp_path, monkeypatch):
-    task = BenchTask.from_file(write_task(tmp_path / "tiny.yaml", hub_file, size=4, seed=7))
+def test_an_interrupted_build_resumes_with_the_missing_configurations(write_task, tmp_path, monkeypatch):
+    task = BenchTask.from_file(write_task(tmp_path / "tiny.yaml", size=4, seed=7))
     trained = []
     original = pool_build._train_config
 
@@ -173,18 +184,18 @@ def test_an_interrupted_build_resumes_with_the_missing_configurations(hub_file, 
     assert pool.size == 4 and np.isfinite(pool.val).all()
 
 
-def test_pool_settings_change_the_fingerprint_and_folder(hub_file, tmp_path):
-    base = BenchTask.from_file(write_task(tmp_path / "a.yaml", hub_file))
-    same = BenchTask.from_dict({**task_dict(hub_file), "budget": 99, "seed": 5}, default_name="tiny")
+def test_pool_settings_change_the_fingerprint_and_folder(write_task, make_task, tmp_path):
+    base = BenchTask.from_file(write_task(tmp_path / "a.yaml"))
+    same = BenchTask.from_dict({**make_task(), "budget": 99, "seed": 5}, default_name="tiny")
     assert same.fingerprint() == base.fingerprint()  # budget and the study seed do not shape the pool
     changed = [
-        BenchTask.from_dict(task_dict(hub_file, seed=1)),
-        BenchTask.from_dict(task_dict(hub_file, size=SIZE + 1)),
-        BenchTask.from_dict(task_dict(hub_file, epochs=EPOCHS + 1)),
-        BenchTask.from_dict(task_dict(hub_file, test_metric="lightning_fms.bench.pool:folder_bytes")),
+        BenchTask.from_dict(make_task(seed=1)),
+        BenchTask.from_dict(make_task(size=SIZE + 1)),
+        BenchTask.from_dict(make_task(epochs=EPOCHS + 1)),
+        BenchTask.from_dict(make_task(test_metric="lightning_fms.bench.pool:folder_bytes")),
         BenchTask.from_dict(
             {
-                **task_dict(hub_file),
+                **make_task(),
                 "model": {"class_path": "lightning_fms.zoo.ImageClassifier", "init_args": {"reset_head": False}},
             }
         ),
@@ -214,8 +225,8 @@ def test_pool_settings_change_the_fingerprint_and_folder(hub_file, tmp_path):
         ({"budgett": 3}, "unknown recipe key"),
     ],
 )
-def test_bad_task_files_give_one_line_errors(hub_file, tmp_path, change, message):
-    data = task_dict(hub_file)
+def test_bad_task_files_give_one_line_errors(make_task, tmp_path, change, message):
+    data = make_task()
     data["pool"] = {"size": SIZE, "epochs": EPOCHS}
     if "pool" in change and isinstance(change["pool"], dict):
         data["pool"].update(change.pop("pool"))
@@ -227,7 +238,7 @@ def test_bad_task_files_give_one_line_errors(hub_file, tmp_path, change, message
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
-def test_a_custom_test_metric_sees_the_test_loader_in_eval_mode(hub_file, tmp_path, monkeypatch):
+def test_a_custom_test_metric_sees_the_test_loader_in_eval_mode(make_task, tmp_path, monkeypatch):
     (tmp_path / "pool_metric_probe.py").write_text(
         "import torch\n"
         "def count(module, dataloader):\n"
@@ -235,15 +246,15 @@ def test_a_custom_test_metric_sees_the_test_loader_in_eval_mode(hub_file, tmp_pa
         "    return float(len(dataloader.dataset))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    task = BenchTask.from_dict(task_dict(hub_file, size=2, epochs=1, test_metric="pool_metric_probe:count"))
+    task = BenchTask.from_dict(make_task(size=2, epochs=1, test_metric="pool_metric_probe:count"))
     pool = build_pool(task, cache_dir=tmp_path)
     datamodule = task.build_executor().build(pool.configs[0])[1]
     assert (pool.test == len(datamodule.test_dataloader().dataset)).all()
     assert np.isfinite(pool.val).all()
 
 
-def test_a_datamodule_without_test_split_is_refused_before_training(hub_file, tmp_path):
-    data = task_dict(hub_file, size=2, epochs=1)
+def test_a_datamodule_without_test_split_is_refused_before_training(make_task, tmp_path):
+    data = make_task(size=2, epochs=1)
     data["data"]["init_args"].pop("test_fraction")
     with pytest.raises(FMSError, match="test_fraction"):
         build_pool(BenchTask.from_dict(data), cache_dir=tmp_path)

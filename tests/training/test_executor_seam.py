@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FAST_SURROGATE
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.errors import FMSError
@@ -48,7 +47,7 @@ def _inner(hub):
     )
 
 
-def test_the_tuner_runs_an_executor_of_its_own_kind(hub, tmp_path):
+def test_the_tuner_runs_an_executor_of_its_own_kind(hub, tmp_path, fast_surrogate):
     executor = DelegatingExecutor(_inner(hub))
     tuner = FMSTuner(
         executor=executor,
@@ -62,7 +61,7 @@ def test_the_tuner_runs_an_executor_of_its_own_kind(hub, tmp_path):
         frozen_layers=[0.5],
         num_fresh_candidates=8,
         num_startup_trials=1,
-        surrogate_options=FAST_SURROGATE,
+        surrogate_options=fast_surrogate,
         progress=False,
     )
     result = tuner.run()

@@ -1,123 +1,47 @@
-"""W&B logging, offline only: what the study run and the trial runs hold, read back from the offline run files."""
+"""W&B logging, offline only: what the study run and the trial runs hold, read back from the offline run files.
+
+The runs are read by the ``read_offline_runs`` fixture (tests/loggers/conftest.py: why and how it reads them).
+"""
 
 import csv
-import glob
 import json
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_SURROGATE
-from test_lightning_cli import FAST, make_cli
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.errors import FMSError
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """Offline W&B with every directory it writes to under tmp_path (never a server, never $HOME)."""
-    pytest.importorskip("wandb")
-    home = tmp_path / "wandb-home"
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(var, str(home / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_DIR", raising=False)  # runs then go to the study directory
-    return home
-
-
-# ---------------------------------------------------------------------------------------------- offline run reader
-def _records(path):
-    """The protobuf records of a ``run-<id>.wandb`` file (a LevelDB-style log: 7-byte file header, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        room = block - pos % block
-        if room < 7:
-            pos += room
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            yield pb.Record.FromString(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            yield pb.Record.FromString(pending + chunk)
-        else:
-            break
-
-
-def _items(updates):
-    return {(".".join(item.nested_key) or item.key): json.loads(item.value_json) for item in updates}
-
-
-def read_offline_runs(root, timeout=30.0):
-    """Every offline run under ``root``: group, job type, name, config, history rows, summary, metric definitions.
-
-    W&B's service writes the files asynchronously: wait until each holds its exit record.
-    """
-    paths = sorted(glob.glob(str(Path(root) / "**" / "offline-run-*" / "run-*.wandb"), recursive=True))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(any(r.WhichOneof("record_type") == "exit" for r in _records(p)) for p in paths):
-            break
-        time.sleep(0.2)
-    runs = []
-    for path in paths:
-        run = {"dir": Path(path).parent, "history": [], "summary": {}, "config": {}, "metrics": [], "exit": None}
-        for record in _records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                r = record.run
-                run.update(id=r.run_id, group=r.run_group, job_type=r.job_type, name=r.display_name, project=r.project)
-                run["config"].update(_items(r.config.update))
-            elif kind == "config":
-                run["config"].update(_items(record.config.update))
-            elif kind == "history":
-                run["history"].append(_items(record.history.item))
-            elif kind == "summary":
-                run["summary"].update(_items(record.summary.update))
-            elif kind == "metric":
-                m = record.metric
-                run["metrics"].append((m.name or m.glob_name, m.step_metric))
-            elif kind == "exit":
-                run["exit"] = record.exit.exit_code
-        run["config"].pop("_wandb", None)
-        runs.append(run)
-    return runs
-
-
 # ---------------------------------------------------------------------------------------------- the Python API
-def _tuner(hub, study, budget, logger, searcher="dyhpo", cap=2):
-    space = SearchSpace.from_dict(
-        {"hub": {"type": "hub", "choices": ["mlp-xs", "cnn-xs"]},
-         "model.lr": {"type": "float", "low": 1e-2, "high": 0.3, "log": True},
-         "data.batch_size": {"type": "categorical", "choices": [32, 64]}},
-        hub_entries=hub.names,
-    )  # fmt: skip
-    return FMSTuner(
-        ImageClassifier, DigitsDataModule, space, hub=hub, study_dir=study, budget=budget, monitor="val_acc",
-        mode="max", max_epochs_per_trial=cap, searcher=searcher, num_fresh_candidates=8,
-        surrogate_options=dict(FAST_SURROGATE), datamodule_options={"task": "target"},
-        trainer_options={"accelerator": "cpu", "devices": 1}, progress=False, observers=[logger],
-    )  # fmt: skip
+@pytest.fixture
+def logged_tuner(hub, fast_surrogate):
+    """``logged_tuner(study, budget, logger, searcher="dyhpo", cap=2) -> FMSTuner`` observed by ``logger``."""
+
+    def make(study, budget, logger, searcher="dyhpo", cap=2):
+        space = SearchSpace.from_dict(
+            {"hub": {"type": "hub", "choices": ["mlp-xs", "cnn-xs"]},
+             "model.lr": {"type": "float", "low": 1e-2, "high": 0.3, "log": True},
+             "data.batch_size": {"type": "categorical", "choices": [32, 64]}},
+            hub_entries=hub.names,
+        )  # fmt: skip
+        return FMSTuner(
+            ImageClassifier, DigitsDataModule, space, hub=hub, study_dir=study, budget=budget, monitor="val_acc",
+            mode="max", max_epochs_per_trial=cap, searcher=searcher, num_fresh_candidates=8,
+            surrogate_options=dict(fast_surrogate), datamodule_options={"task": "target"},
+            trainer_options={"accelerator": "cpu", "devices": 1}, progress=False, observers=[logger],
+        )  # fmt: skip
+
+    return make
 
 
-def test_study_run_and_trial_runs_hold_the_study(hub, tmp_path, wandb_env):
+def test_study_run_and_trial_runs_hold_the_study(logged_tuner, read_offline_runs, tmp_path):
     from lightning_fms.loggers import WandbStudyLogger
 
     study = tmp_path / "s1"
-    tuner = _tuner(hub, study, 5, WandbStudyLogger(project="fms-test", mode="offline", tags=["t"]))
+    tuner = logged_tuner(study, 5, WandbStudyLogger(project="fms-test", mode="offline", tags=["t"]))
     tuner.run()
     runs = read_offline_runs(study / "wandb")
     studies = [r for r in runs if r["job_type"] == "study"]
@@ -166,15 +90,15 @@ def test_study_run_and_trial_runs_hold_the_study(hub, tmp_path, wandb_env):
         assert trial_run["summary"]["status"] == trial.status.value and trial_run["summary"]["epochs"] == trial.epochs
 
 
-def test_a_restarted_study_opens_new_runs_that_replay_what_was_recorded(hub, tmp_path, wandb_env):
+def test_a_restarted_study_opens_new_runs_that_replay_what_was_recorded(logged_tuner, read_offline_runs, tmp_path):
     from lightning_fms.loggers import WandbStudyLogger
 
     study = tmp_path / "s2"
     # random search starts trials 0 and 1, then continues the newest: trial 1 trains epoch 1 before the
     # "crash" and epochs 2-3 after it
-    _tuner(hub, study, 2, WandbStudyLogger(mode="offline"), searcher="random", cap=3).run()
+    logged_tuner(study, 2, WandbStudyLogger(mode="offline"), searcher="random", cap=3).run()
     first = {r["id"] for r in read_offline_runs(study / "wandb")}
-    tuner = _tuner(hub, study, 4, WandbStudyLogger(mode="offline"), searcher="random", cap=3)  # the restart
+    tuner = logged_tuner(study, 4, WandbStudyLogger(mode="offline"), searcher="random", cap=3)  # the restart
     tuner.run()
     new = [r for r in read_offline_runs(study / "wandb") if r["id"] not in first]
     study_run = next(r for r in new if r["job_type"] == "study")
@@ -197,12 +121,14 @@ def test_without_wandb_the_logger_says_what_to_install(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- through the CLI
-def test_a_sweep_file_through_the_cli_logs_runs_keyed_like_the_sweep(in_cli_dir, tmp_path, wandb_env):
+def test_a_sweep_file_through_the_cli_logs_runs_keyed_like_the_sweep(
+    in_cli_dir, make_cli, fast_tuner_flags, read_offline_runs, tmp_path
+):
     study = tmp_path / "s3"
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "sweep.yaml",
                    "--tuner.hub_key", "model.pretrained", "--tuner.budget", "3", "--tuner.max_epochs_per_trial", "2",
                    "--tuner.study_dir", str(study), "--tuner.wandb.project", "fms-digits", "--tuner.wandb.mode",
-                   "offline", "--tuner.wandb.dir", str(tmp_path / "wb"), *FAST)  # fmt: skip
+                   "offline", "--tuner.wandb.dir", str(tmp_path / "wb"), *fast_tuner_flags)  # fmt: skip
     runs = read_offline_runs(tmp_path / "wb")
     sweep = yaml.safe_load((in_cli_dir / "sweep.yaml").read_text())
     trial_runs = [r for r in runs if r["job_type"] == "trial"]
