@@ -1,4 +1,4 @@
-"""The first 30 decisions of a seed-0 study on the tiny hub, pinned: a restructuring must not change one of them.
+"""The 45 decisions of a seed-0 study on the tiny hub (budget 30), pinned: a restructuring must not change one of them.
 
 The study uses the deep-kernel searcher with the statistics featurizer and the frozen-layer fidelity, so the
 pin covers candidates, fractions and costs, weight snapshots, the surrogate fit and the checkpoint resume path.

@@ -33,7 +33,6 @@ import torch
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
 from lightning_fms.study.atomic import atomic_output, atomic_write_text, sha256_file
 
-# the study's writers import these from here as well as from lightning_fms.study.atomic (one implementation)
 __all__ = ["StudyDirectory"]
 
 STUDY_LOCK = ".lock"
