@@ -31,10 +31,10 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
+from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub
 from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam, SearchSpace
-from lightning_fms.study.atomic import atomic_write_text
 from lightning_fms.training.quiet import quiet_lightning
 from lightning_fms.training.trainer import TUNER_TRAINER_KEYS
 from lightning_fms.training.trial_builder import BuiltTrial

@@ -37,8 +37,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from lightning_fms.atomic import atomic_write_text, sha256_file
 from lightning_fms.errors import CheckpointError, FMSError, one_line
-from lightning_fms.study.atomic import atomic_write_text, sha256_file
 
 __all__ = ["HubEntry", "ModelHub", "load_weights_file", "sha256_file"]
 

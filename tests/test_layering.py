@@ -1,4 +1,4 @@
-"""The package's layering, checked from its source: no import cycles, the search layer free of Lightning, a cheap
+"""The package's layering, checked from its source: layers in order, no import cycles, the search layer free of Lightning, a cheap
 ``import lightning_fms``, and no module over 600 lines."""
 
 import ast
@@ -143,3 +143,51 @@ def test_import_lightning_fms_loads_no_cli_wandb_rich_or_plotting():
 def test_every_public_name_resolves():
     for name in lightning_fms.__all__:
         assert getattr(lightning_fms, name) is not None
+
+
+#: The layers, bottom first. A module may import from its own folder and from lower layers only.
+LAYERS: list[set[str]] = [
+    {"errors"},
+    {"lazy", "threads", "extras", "atomic"},
+    {"surrogate", "weights", "frozen"},
+    {"search"},
+    {"hub"},
+    {"training"},
+    {"study", "zoo"},
+    {"observer", "progress", "sweep", "options"},
+    {"tuner", "agent", "recipe", "cli_trials", "loggers"},
+    {"lightning_cli", "bench", "testing"},
+    {"cli", "__init__"},
+]
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    level = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    found = []
+    for source, targets in graph.items():
+        for target in targets:
+            a, b = unit_of(source), unit_of(target)
+            if a != b and level[a] <= level[b]:
+                found.append(f"{source} (layer {level[a]}) imports {target} (layer {level[b]})")
+    return sorted(found)
+
+
+def test_every_unit_has_a_layer():
+    units = {unit_of(name) for name in import_graph()}
+    assert units == set().union(*LAYERS), f"not in LAYERS: {units - set().union(*LAYERS)}"
+
+
+def test_modules_import_only_from_lower_layers():
+    violations = layer_violations(import_graph())
+    assert not violations, "imports that run up or sideways:\n" + "\n".join(violations)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_violations({"lightning_fms.search.optimizer": {"lightning_fms.tuner"}}) == [
+        "lightning_fms.search.optimizer (layer 3) imports lightning_fms.tuner (layer 8)"
+    ]

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_fms.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.bench.pool_data import (
     CONFIG_DIR,
     POOL_FILE,
@@ -45,7 +46,6 @@ from lightning_fms.errors import FMSError
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import config_key
-from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.threads import torch_threads
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.in_process import InProcessExecutor

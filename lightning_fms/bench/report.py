@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from lightning_fms.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.bench.methods import METHODS
 from lightning_fms.bench.metrics import epochs_grid, mean_ci, step_resample, wall_grid
 from lightning_fms.extras import import_optional
-from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 
 #: Regret 0 is drawn at this value on log axes.
 REGRET_FLOOR = 1e-4

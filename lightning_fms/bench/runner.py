@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_fms.atomic import atomic_write_text
 from lightning_fms.bench.methods import METHODS, MethodRun, RunOptions, check_methods, run_method
 from lightning_fms.bench.metrics import RegretBounds, normalised_regret, to_scores
 from lightning_fms.bench.peers import import_optuna
@@ -42,7 +43,6 @@ from lightning_fms.bench.pool_data import Pool
 from lightning_fms.bench.report import ReportMeta, safe_name, write_report
 from lightning_fms.errors import FMSError
 from lightning_fms.extras import import_optional
-from lightning_fms.study.atomic import atomic_write_text
 
 #: Version of the run record; part of every cached run's settings (bump it to invalidate cached runs).
 RUN_FORMAT = 1

@@ -12,7 +12,7 @@ Layout::
       trials/<id>/       epoch-<k>.ckpt (a paused trial's newest checkpoint), logs/ (Lightning CSV logs)
       weights/           weight snapshots for the featurizer (safetensors)
 
-Every file is written with :mod:`lightning_fms.study.atomic`, so a process killed at any moment leaves
+Every file is written with :mod:`lightning_fms.atomic`, so a process killed at any moment leaves
 either the old or the new file, never a torn one. Which checkpoints exist is the ledger's business
 (:mod:`lightning_fms.study.ledger`).
 """
@@ -30,8 +30,8 @@ from typing import IO, Any
 
 import torch
 
+from lightning_fms.atomic import atomic_output, atomic_write_text, sha256_file
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
-from lightning_fms.study.atomic import atomic_output, atomic_write_text, sha256_file
 
 __all__ = ["StudyDirectory"]
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_fms.atomic import atomic_output, sha256_file
 from lightning_fms.errors import CheckpointError
 from lightning_fms.search.trial import TrialStatus, to_score
-from lightning_fms.study.atomic import atomic_output, sha256_file
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.reports import write_regret_plot, write_results, write_trajectory
 from lightning_fms.study.view import StudyView

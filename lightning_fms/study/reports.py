@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lightning_fms.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.errors import FMSError
 from lightning_fms.extras import import_optional
 from lightning_fms.search.trial import to_score
-from lightning_fms.study.atomic import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from lightning_fms.search.optimizer import FreezeThawOptimizer

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lightning_fms.atomic import atomic_output
 from lightning_fms.errors import CheckpointError
-from lightning_fms.study.atomic import atomic_output
 
 SnapshotKey = tuple[Hashable, ...]
 

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_fms.study.atomic import atomic_write_text, replace_atomically, temporary_path
+from lightning_fms.atomic import atomic_write_text, replace_atomically, temporary_path
 
 ENV_STUDY_DIR = "LIGHTNING_FMS_STUDY_DIR"
 ENV_TRIAL = "LIGHTNING_FMS_TRIAL"

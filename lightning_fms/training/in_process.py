@@ -22,12 +22,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_fms.atomic import atomic_output
 from lightning_fms.errors import FMSError
 from lightning_fms.frozen.costs import fraction_costs
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.seeds import seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.study.atomic import atomic_output
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.executor import EpochJob, EpochOutcome
 from lightning_fms.training.quiet import quiet_lightning

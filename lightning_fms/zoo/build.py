@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lightning_fms.atomic import atomic_output
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub, _import_module_class, sha256_file
-from lightning_fms.study.atomic import atomic_output
 from lightning_fms.threads import torch_threads
 from lightning_fms.training.quiet import quiet_lightning
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
-from lightning_fms.study.atomic import (
+from lightning_fms.atomic import (
     atomic_output,
     atomic_write_bytes,
     atomic_write_text,
     sha256_file,
     temporary_path,
 )
+from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
 from lightning_fms.study.directory import StudyDirectory
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # subprocesses import this tree
@@ -121,7 +121,7 @@ def test_a_process_killed_while_writing_leaves_the_old_file(tmp_path):
     script = textwrap.dedent(
         """
         import os, sys
-        from lightning_fms.study.atomic import atomic_output
+        from lightning_fms.atomic import atomic_output
         with atomic_output(sys.argv[1]) as tmp:
             with open(tmp, "wb") as handle:
                 handle.write(b"torn")

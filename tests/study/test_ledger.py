@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
+from lightning_fms.atomic import sha256_file
 from lightning_fms.errors import CheckpointError
 from lightning_fms.search.optimizer import FreezeThawOptimizer, SuggestionKind
 from lightning_fms.search.searcher import build_searcher
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import TrialStatus
-from lightning_fms.study.atomic import sha256_file
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import BestEpoch, CheckpointRef, StudyLedger
 from lightning_fms.study.reports import trajectory_rows
