@@ -385,7 +385,9 @@ class SurrogateContract:
             self.check_failed(surrogate, y, mean, variance)
             assert_same_posterior((mean, variance), self.restored(surrogate).posterior(test), f"{name}: ")
             surrogate.fit(train, y, seed=1)  # the failure is gone: fitting works again
-            assert_answers(*surrogate.posterior(test), len(test), f"{name}: ")
+            refitted = surrogate.posterior(test)
+            assert_answers(*refitted, len(test), f"{name}: ")
+            assert not torch.equal(refitted[0], mean), f"{name}: still answers as after the failed fit: {mean}"
 
 
 @contextmanager
