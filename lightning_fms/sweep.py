@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, one_line
 from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam, Parameter, SearchSpace
 
 __all__ = ["SUPPORTED_DISTRIBUTIONS", "SpaceFile", "read_space_file", "space_from_sweep"]
@@ -221,7 +221,7 @@ def read_space_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> Space
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
-            raise FMSError(f"space file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+            raise FMSError(f"space file {path} is not valid YAML: {one_line(error)}") from None
         base_dir = path.resolve().parent
     if not isinstance(data, Mapping) or not data:
         raise FMSError("a space file must be a mapping (a W&B sweep, or parameter name -> spec)")

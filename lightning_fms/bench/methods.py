@@ -38,7 +38,7 @@ from lightning_fms.bench import peers
 from lightning_fms.bench.ledger import BudgetSpent, Ledger
 from lightning_fms.bench.metrics import rank_correlation, to_scores
 from lightning_fms.bench.pool_data import Pool
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, one_line
 from lightning_fms.options import declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.rows import WeightKey
@@ -421,7 +421,7 @@ def run_method(
             spec.run(pool, ledger, int(seed), options, forecast_check)
         except BudgetSpent:
             pass
-    notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)))
+    notes = list(dict.fromkeys(one_line(w.message) for w in caught if issubclass(w.category, UserWarning)))
     return MethodRun(
         method=name,
         task=pool.name,

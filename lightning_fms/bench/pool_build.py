@@ -42,7 +42,7 @@ from lightning_fms.bench.pool_data import (
     read_pool_file,
 )
 from lightning_fms.bench.task import POOL_BUILDER_VERSION, BenchTask, TestMetric
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, failure_message, one_line
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import config_key
@@ -166,7 +166,7 @@ def _test_loader(datamodule: pl.LightningDataModule | None) -> DataLoader:
         return datamodule.test_dataloader()
     except Exception as error:
         raise FMSError(
-            f"{type(datamodule).__name__} gives no test_dataloader() ({' '.join(str(error).split())}); "
+            f"{type(datamodule).__name__} gives no test_dataloader() ({one_line(error)}); "
             "a pool's test curve needs one (DigitsDataModule/MnistDataModule: set data.init_args.test_fraction)"
         ) from None
 
@@ -216,7 +216,7 @@ def _train_config(
         except Exception as error:  # the configuration fails here, as a trial would under the tuner
             if recorder.failed_epoch is None:
                 recorder.failed_epoch = trainer.current_epoch + 1
-                recorder.error = f"{type(error).__name__}: {error}"
+                recorder.error = failure_message(error)
     done = epochs if recorder.failed_epoch is None else recorder.failed_epoch - 1
     if recorder.failed_epoch is None and len(checkpoint.reports) < epochs:
         recorder.failed_epoch = len(checkpoint.reports) + 1

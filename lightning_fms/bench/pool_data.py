@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from torch import nn
 
-from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.errors import CheckpointError, FMSError, one_line
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import config_key
@@ -189,14 +189,14 @@ class PoolWeights:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 state = {key[len(prefix) :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
         except Exception as error:  # safetensors raises several types for missing or corrupt files
-            raise CheckpointError(f"pool weights {path} are unreadable: {' '.join(str(error).split())}") from None
+            raise CheckpointError(f"pool weights {path} are unreadable: {one_line(error)}") from None
         reference = module.state_dict()
         state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as error:
             raise CheckpointError(
-                f"pool weights {path} (epoch {epoch}) do not fit the hub entry: {' '.join(str(error).split())}"
+                f"pool weights {path} (epoch {epoch}) do not fit the hub entry: {one_line(error)}"
             ) from None
         return module
 

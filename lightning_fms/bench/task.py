@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, one_line
 from lightning_fms.hub import ModelHub, sha256_file
 from lightning_fms.recipe import Recipe
 from lightning_fms.search.space import SearchSpace
@@ -67,7 +67,7 @@ def resolve_test_metric(path: str) -> TestMetric:
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise FMSError(f"pool.test_metric: cannot import {path!r} ({' '.join(str(error).split())})") from None
+        raise FMSError(f"pool.test_metric: cannot import {path!r} ({one_line(error)})") from None
     if not callable(function):
         raise FMSError(f"pool.test_metric: {path!r} is not callable")
     return function

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, first_line
 from lightning_fms.frozen.levels import FrozenLayers
 from lightning_fms.search.decision import ClaimedEpoch, Decision, Suggestion, SuggestionKind
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, pretrained_key, weight_key_before
@@ -349,7 +349,7 @@ class FreezeThawOptimizer:
         else:
             value = math.nan
             trial.status = TrialStatus.FAILED
-            trial.error = error.strip().splitlines()[0][:500] if error.strip() else "failed"
+            trial.error = first_line(error, limit=500) or "failed"
         trial.wall_s.append(float(wall_s))
         if self.frozen_layers is not None:
             trial.fractions.append(decision.fraction)

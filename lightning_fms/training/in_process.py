@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fms.atomic import atomic_output
-from lightning_fms.errors import FMSError
+from lightning_fms.errors import FMSError, failure_message
 from lightning_fms.frozen.costs import fraction_costs
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.seeds import seed_everything_quietly
@@ -216,7 +216,7 @@ class InProcessExecutor:
             except (KeyboardInterrupt, FMSError):
                 raise
             except Exception as error:  # the trial fails, the study goes on
-                outcome.error = f"{type(error).__name__}: {error}"
+                outcome.error = failure_message(error)
                 outcome.wall_s = time.perf_counter() - start
                 return outcome
         report = callback.last

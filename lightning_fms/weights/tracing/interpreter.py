@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from lightning_fms.errors import failure_message, first_line
 from lightning_fms.weights.schema import GraphOptions
 from lightning_fms.weights.topology import GraphTopology
 from lightning_fms.weights.tracing.emitter import GraphEmitter
@@ -153,6 +154,6 @@ def build_topology(module: nn.Module, options: GraphOptions, signature: str) -> 
     except Unsupported as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - user code may raise anything while being traced
-        reason = f"cannot trace: {type(exc).__name__}: {exc}"
-    reason = reason.splitlines()[0][:300] if reason else "unsupported"
+        reason = "cannot trace: " + failure_message(exc)
+    reason = first_line(reason, limit=300) or "unsupported"
     return fallback_topology(module, options, signature, reason)
