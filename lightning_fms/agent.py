@@ -39,13 +39,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lightning_fms.errors import CheckpointError, FMSError
-from lightning_fms.options import declared_default
+from lightning_fms.options import FALLBACK_MODE, declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
-from lightning_fms.search.searcher import build_searcher
-from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.searcher import seeded_searcher
+from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
@@ -186,7 +184,7 @@ class StudyAgent:
         for name, value in stored.items():
             if value is None:
                 stored[name] = declared_default(name)
-        stored.update(monitor=monitor, mode=given.mode or space_file.mode or "max")
+        stored.update(monitor=monitor, mode=given.mode or space_file.mode or FALLBACK_MODE)
         return self._optimizer(space_file.space, stored), self._ledger(stored)
 
     def _check_settings(self, state: dict[str, Any], stored: dict[str, Any]) -> None:
@@ -207,9 +205,8 @@ class StudyAgent:
         if space.hub_key is not None:
             raise FMSError("agents take no model hub: give the weight files as a plain categorical parameter")
         cap = int(stored["max_epochs_per_trial"])
-        with torch.random.fork_rng(devices=[]):
-            seed_everything_quietly(derive_seed(int(stored["seed"]), "searcher"))
-            searcher = build_searcher(stored["searcher"], space, cap, weights="none", device="cpu")
+        seed = derive_seed(int(stored["seed"]), "searcher")
+        searcher = seeded_searcher(stored["searcher"], space, cap, seed=seed, weights="none", device="cpu")
         return FreezeThawOptimizer(
             space,
             searcher,

@@ -34,6 +34,7 @@ from lightning_fms.search.searcher import CURVE_ENCODERS, SEARCHERS
 from lightning_fms.weights.registry import FEATURIZERS
 
 __all__ = [
+    "FALLBACK_MODE",
     "TUNERS",
     "StudyOptions",
     "TunerOptions",
@@ -51,6 +52,8 @@ __all__ = [
 
 TUNERS: tuple[str, ...] = ("fms",)
 """The values ``FMSLightningCLI``'s ``--tuner`` accepts."""
+FALLBACK_MODE: Literal["max", "min"] = "max"
+"""The ``mode`` of a study when neither it nor its space file gives one (FMSTuner's, a recipe's, an agent's)."""
 
 SearcherName = Literal[SEARCHERS]  # type: ignore[valid-type]
 CurveEncoderName = Literal[CURVE_ENCODERS]  # type: ignore[valid-type]
@@ -146,7 +149,7 @@ class StudyOptions:
     )
     mode: Literal["max", "min"] | None = option(
         None,
-        "``max`` or ``min`` (default: the space file's goal; a recipe or an agent falls back to max).",
+        f"``max`` or ``min`` (default: the space file's goal; a recipe or an agent falls back to {FALLBACK_MODE}).",
         top_level=True,
     )
     max_epochs_per_trial: int = option(20, "Per-trial epoch cap (and LR-schedule horizon).", top_level=True, minimum=1)

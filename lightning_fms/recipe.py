@@ -37,10 +37,10 @@ import yaml
 
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub
-from lightning_fms.options import check_option, declared_default, recipe_option_names, tuner_arguments
+from lightning_fms.options import FALLBACK_MODE, check_option, declared_default, recipe_option_names, tuner_arguments
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.training.in_process import InProcessExecutor
-from lightning_fms.training.trial_builder import accepts_argument
+from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT, accepts_argument
 
 #: Recipe keys that are no tuner option (those are :data:`TOP_LEVEL_OPTIONS` and the ``tuner`` block).
 RECIPE_ONLY_KEYS = (
@@ -119,7 +119,7 @@ class Recipe:
     data: ClassSpec
     space_spec: dict[str, Any]
     monitor: str
-    mode: str = "max"
+    mode: str = FALLBACK_MODE
     budget: int = declared_default("budget")
     max_epochs_per_trial: int = declared_default("max_epochs_per_trial")
     seed: int = declared_default("seed")
@@ -127,8 +127,8 @@ class Recipe:
     hub_builder: str | None = None
     tuner: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
-    hub_argument: str = "net"
-    epochs_argument: str = "max_epochs"
+    hub_argument: str = DEFAULT_HUB_ARGUMENT
+    epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Recipe:
@@ -200,8 +200,8 @@ class Recipe:
             hub_builder=data.get("hub_builder"),
             tuner=tuner,
             trainer=dict(trainer),
-            hub_argument=_check_str(data.get("hub_argument", "net"), "hub_argument"),
-            epochs_argument=_check_str(data.get("epochs_argument", "max_epochs"), "epochs_argument"),
+            hub_argument=_check_str(data.get("hub_argument", DEFAULT_HUB_ARGUMENT), "hub_argument"),
+            epochs_argument=_check_str(data.get("epochs_argument", DEFAULT_EPOCHS_ARGUMENT), "epochs_argument"),
         )
 
     def load_hub(self) -> ModelHub | None:

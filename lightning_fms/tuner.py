@@ -28,19 +28,24 @@ from lightning_fms.errors import CheckpointError, FMSError
 from lightning_fms.frozen.levels import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
+from lightning_fms.options import FALLBACK_MODE, StudyOptions
 from lightning_fms.progress import StudyProgress
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
 from lightning_fms.search.rows import WeightKey
-from lightning_fms.search.searcher import SurrogateSearcher, build_searcher
-from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.searcher import seeded_searcher
+from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
 from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.training.executor import EpochJob, Executor
 from lightning_fms.training.in_process import InProcessExecutor
+from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
 
 log = logging.getLogger(__name__)
+
+#: The declared options (:class:`~lightning_fms.options.StudyOptions`): FMSTuner's defaults are read from it.
+_DECLARED = StudyOptions()
 
 
 @dataclass(frozen=True)
@@ -138,28 +143,28 @@ class FMSTuner:
         study_dir: str | os.PathLike[str],
         budget: int,
         monitor: str,
-        mode: str = "max",
+        mode: str = FALLBACK_MODE,
         hub: ModelHub | None = None,
-        max_epochs_per_trial: int = 20,
-        seed: int = 0,
-        searcher: str = "dyhpo",
-        weights: str = "none",
-        curve: str = "cnn",
-        device: str | None = None,
-        num_fresh_candidates: int = 64,
-        num_startup_trials: int = 2,
-        max_paused_trials: int | None = None,
-        hub_argument: str = "net",
-        epochs_argument: str = "max_epochs",
-        weights_attribute: str | None = None,
+        max_epochs_per_trial: int = _DECLARED.max_epochs_per_trial,
+        seed: int = _DECLARED.seed,
+        searcher: str = _DECLARED.searcher,
+        weights: str = _DECLARED.weights,
+        curve: str = _DECLARED.curve,
+        device: str | None = _DECLARED.device,
+        num_fresh_candidates: int = _DECLARED.num_fresh_candidates,
+        num_startup_trials: int = _DECLARED.num_startup_trials,
+        max_paused_trials: int | None = _DECLARED.max_paused_trials,
+        hub_argument: str = DEFAULT_HUB_ARGUMENT,
+        epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
+        weights_attribute: str | None = _DECLARED.weights_attribute,
         module_options: dict[str, Any] | None = None,
         datamodule_options: dict[str, Any] | None = None,
         trainer_options: dict[str, Any] | None = None,
-        surrogate_options: dict[str, Any] | None = None,
-        featurizer_options: dict[str, Any] | None = None,
+        surrogate_options: dict[str, Any] | None = _DECLARED.surrogate_options,
+        featurizer_options: dict[str, Any] | None = _DECLARED.featurizer_options,
         progress: bool = True,
         observers: Sequence[StudyObserver] = (),
-        frozen_layers: bool | Sequence[float] | None = None,
+        frozen_layers: bool | Sequence[float] | None = _DECLARED.frozen_layers,
         executor: Executor | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -181,8 +186,8 @@ class FMSTuner:
                 "module_options": module_options,
                 "datamodule_options": datamodule_options,
                 "trainer_options": trainer_options,
-                "hub_argument": None if hub_argument == "net" else hub_argument,
-                "epochs_argument": None if epochs_argument == "max_epochs" else epochs_argument,
+                "hub_argument": None if hub_argument == DEFAULT_HUB_ARGUMENT else hub_argument,
+                "epochs_argument": None if epochs_argument == DEFAULT_EPOCHS_ARGUMENT else epochs_argument,
             }
             clash = [name for name, value in given.items() if value is not None]
             if clash:
@@ -205,23 +210,21 @@ class FMSTuner:
                 datamodule_options=datamodule_options,
                 trainer_options=trainer_options,
             )
-        with torch.random.fork_rng(devices=[]):
-            # the surrogate's and featurizer's initial parameters depend on the seed only
-            seed_everything_quietly(derive_seed(seed, "searcher"))
-            search = build_searcher(
-                searcher,
-                space,
-                max_epochs_per_trial,
-                weights=weights,
-                curve=curve,
-                device=device,
-                surrogate_options=surrogate_options,
-                featurizer_options=featurizer_options,
-                frozen_layers=fractions is not None,
-            )
-            if isinstance(search, SurrogateSearcher) and search.uses_weights:
-                self._check_featurizer(search, weights)
-            self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
+        self._modules: dict[WeightKey, nn.Module] = {}
+        search = seeded_searcher(
+            searcher,
+            space,
+            max_epochs_per_trial,
+            seed=derive_seed(seed, "searcher"),
+            modules=self._module_for,
+            weights=weights,
+            curve=curve,
+            device=device,
+            surrogate_options=surrogate_options,
+            featurizer_options=featurizer_options,
+            frozen_layers=fractions is not None,
+        )
+        self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
         self.optimizer = FreezeThawOptimizer(
             space,
@@ -241,31 +244,8 @@ class FMSTuner:
         self.ledger = StudyLedger(
             self.study, monitor=monitor, mode=mode, families=self._families(), snapshots=self.snapshots
         )
-        self._modules: dict[WeightKey, nn.Module] = {}
 
-    # ------------------------------------------------------------------ weights for the featurizer
-    def _check_featurizer(self, search: SurrogateSearcher, weights: str) -> None:
-        """Embed every hub entry once, before any training.
-
-        A featurizer that cannot read an architecture (NFN with ``fallback=False`` needs a plain chain of
-        layers) is refused here with a one-line error. It also builds any per-architecture parts
-        of the featurizer in hub order, so a resumed study's featurizer has the same structure as the one
-        whose state it loads.
-        """
-        if self.space.hub_key is None:
-            raise FMSError(f"weights={weights!r} needs a model hub (the space has no hub choice)")
-        featurizer = getattr(search.surrogate, "featurizer", None)
-        if featurizer is None:
-            return
-        hub_choice = self.space[self.space.hub_key]
-        for entry in getattr(hub_choice, "choices", ()):
-            module = self.executor.pretrained_module(entry)
-            try:
-                with torch.no_grad():
-                    featurizer([module], [("hub", str(entry))])
-            except FMSError as error:
-                raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
-
+    # ------------------------------------------------------------------ cost model, modules of the featurizer
     def _frozen_layer_model(self, fractions: tuple[float, ...]) -> FrozenLayers:
         """The cost model of every hub entry (or of the one architecture without a hub), on one real batch."""
         rng = np.random.default_rng(derive_seed(self.seed, "frozen-layer-costs"))
@@ -273,7 +253,8 @@ class FMSTuner:
         hub_key = self.space.hub_key
         entries = list(getattr(self.space[hub_key], "choices", ())) if hub_key else [""]
         configs = [{**config, hub_key: entry} if hub_key else config for entry in entries]
-        costs = self.executor.frozen_layer_costs(configs, fractions)
+        with torch.random.fork_rng(devices=[]):  # building the trials seeds the generators: fork torch's
+            costs = self.executor.frozen_layer_costs(configs, fractions)
         return FrozenLayers(fractions, {str(entry): cost for entry, cost in zip(entries, costs, strict=True)})
 
     def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:

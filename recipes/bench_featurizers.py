@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fms.errors import FMSError  # noqa: E402
 from lightning_fms.weights import build_featurizer  # noqa: E402
+from lightning_fms.weights.registry import FEATURIZERS  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------ networks
 
@@ -172,7 +173,7 @@ def run_resnet18(repeats: int) -> list[dict]:
 
 def run_batch100(repeats: int) -> list[dict]:
     rows = []
-    variants = [("gmn", {}), ("gmn", {"trainable": "readout"}), ("nfn", {}), ("flat", {}), ("stats", {})]
+    variants = [*((name, {}) for name in FEATURIZERS), ("gmn", {"trainable": "readout"})]
     for name, options in variants:
         torch.manual_seed(0)
         modules = [small_mlp() for _ in range(100)]
@@ -209,7 +210,7 @@ def run_batch100(repeats: int) -> list[dict]:
 def run_small(repeats: int) -> list[dict]:
     rows = []
     for net, make in SMALL.items():
-        for name in ("gmn", "nfn", "flat", "stats"):
+        for name in FEATURIZERS:
             torch.manual_seed(0)
             m = make()
             f = build_featurizer(name)

@@ -30,6 +30,8 @@ import torch
 from lightning_fms import FMSError, FreezeThawOptimizer, ModelHub, SearchSpace
 from lightning_fms.search.searcher import Searcher, Selection, SelectionContext, build_searcher
 from lightning_fms.search.seeds import derive_seed
+from lightning_fms.surrogate import SURROGATES
+from lightning_fms.weights.registry import FEATURIZERS
 
 SPACE = {
     "hub": {"type": "categorical", "choices": ["mlp-s", "mlp-m", "cnn-s", "cnn-m", "resnet-s", "resnet-m"]},
@@ -149,12 +151,12 @@ def main() -> None:
     """Print a markdown table of surrogate seconds per decision."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--observations", type=int, nargs="+", default=[25, 50, 100])
-    parser.add_argument("--searchers", nargs="+", default=["dyhpo", "gp"])
+    parser.add_argument("--searchers", nargs="+", default=list(SURROGATES), help="surrogate searchers")
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--fresh", type=int, default=64, help="fresh candidates per decision")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--weights", nargs="+", default=["none"], help="featurizers: none stats nfn flat gmn")
+    parser.add_argument("--weights", nargs="+", default=["none"], help=f"featurizers: none {' '.join(FEATURIZERS)}")
     parser.add_argument("--hub", default=None, help="hub.yaml for --weights (default: the demo hub in the cache)")
     parser.add_argument("--full-fit-steps", type=int, default=1000, help="steps of a from-scratch fit (paper: 1000)")
     parser.add_argument("--featurizer-option", action="append", default=[], help="KEY=VALUE, e.g. trainable=readout")

@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 
 from lightning_fms import FMSTuner, SearchSpace, load_best_weights
+from lightning_fms.options import declared_default
+from lightning_fms.search.searcher import SEARCHERS
 from lightning_fms.testing import tiny_hub
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier, default_cache_dir
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--study_dir", type=Path, default=Path("runs/python_api"))
     parser.add_argument("--budget", type=int, default=30, help="epochs over all trials")
     parser.add_argument("--max_epochs_per_trial", type=int, default=5)
-    parser.add_argument("--searcher", default="dyhpo", choices=("dyhpo", "gp", "random"))
+    parser.add_argument("--searcher", default=declared_default("searcher"), choices=SEARCHERS)
     parser.add_argument("--hub_dir", type=Path, default=default_cache_dir() / "hubs" / "tiny")
     parser.add_argument("--wandb_project", default=None, help="also log to W&B (needs lightning_fms[wandb])")
     parser.add_argument("--wandb_mode", default=None, choices=("online", "offline", "disabled"))

@@ -3,7 +3,10 @@
 import argparse
 import dataclasses
 import inspect
+import json
 import re
+import subprocess
+import sys
 import types
 import typing
 
@@ -15,6 +18,7 @@ from lightning_fms.agent import AGENT_OPTIONS, AgentSettings
 from lightning_fms.cli import _parser
 from lightning_fms.errors import FMSError
 from lightning_fms.options import (
+    FALLBACK_MODE,
     StudyOptions,
     TunerOptions,
     add_option_flags,
@@ -83,10 +87,41 @@ def test_every_option_is_a_recipe_key_a_tune_flag_a_tuner_option_and_an_fmstuner
     tuner_parameters = inspect.signature(FMSTuner).parameters
     assert set(tuner_arguments(StudyOptions())) <= set(tuner_parameters)
     assert set(names) - set(tuner_arguments(StudyOptions())) == {"weights_attribute"}  # the executor's
-    for name in tuner_arguments(StudyOptions()):  # FMSTuner's own defaults agree with the declaration
+    for name in tuner_arguments(StudyOptions()):  # FMSTuner's defaults are the declaration's (read from it)
         default = tuner_parameters[name].default
-        if default is not inspect.Parameter.empty and declared_default(name) is not None:
+        if name == "mode":
+            assert declared_default(name) is None and default == FALLBACK_MODE  # no space file to read a goal from
+        elif default is not inspect.Parameter.empty:  # budget and monitor are required
             assert default == declared_default(name), name
+
+
+CHANGED_DECLARATION = """
+import inspect, json
+import lightning_fms.options as options
+
+@options.options_dataclass
+class Changed(options.StudyOptions):
+    \"\"\"The declaration with other defaults.\"\"\"
+
+    num_fresh_candidates: int = options.option(7, "Fresh configurations scored per decision.")
+    curve: options.CurveEncoderName = options.option("none", "Learning-curve encoder.")
+
+options.StudyOptions = Changed  # before lightning_fms.tuner reads it
+from lightning_fms.tuner import FMSTuner
+
+parameters = inspect.signature(FMSTuner).parameters
+print(json.dumps({name: parameters[name].default for name in ("num_fresh_candidates", "curve", "searcher")}))
+"""
+
+
+def test_fmstuner_takes_its_defaults_from_the_declaration():
+    done = subprocess.run([sys.executable, "-c", CHANGED_DECLARATION], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "num_fresh_candidates": 7,
+        "curve": "none",
+        "searcher": declared_default("searcher"),
+    }
 
 
 def test_a_field_added_to_the_declaration_reaches_every_front_end():

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from lightning_fms.bench import peers
@@ -42,8 +41,8 @@ from lightning_fms.errors import FMSError, one_line
 from lightning_fms.options import declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.rows import WeightKey
-from lightning_fms.search.searcher import build_searcher
-from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+from lightning_fms.search.searcher import seeded_searcher
+from lightning_fms.search.seeds import derive_seed
 from lightning_fms.threads import torch_threads
 from lightning_fms.weights.registry import FEATURIZERS
 
@@ -245,21 +244,20 @@ def _run_optimizer(
     space = pool.space
     modules = PoolModules(pool) if weights != "none" else None
     method_key = (searcher, weights, curve)
-    with ledger.deciding(), torch.random.fork_rng(devices=[]):
+    with ledger.deciding():
         # the surrogate's and featurizer's initial parameters depend on (seed, method) only
-        seed_everything_quietly(derive_seed("bench", "searcher", method_key, seed))
-        search = build_searcher(
+        search = seeded_searcher(
             searcher,
             space,
             pool.epochs,
+            seed=derive_seed("bench", "searcher", method_key, seed),
+            modules=modules,
             weights=weights,
             curve=curve,
             device="cpu",
             surrogate_options=options.gp_options if searcher == "gp" else options.surrogate_options,
             featurizer_options=options.featurizer_options,
         )
-        if modules is not None:
-            _warm_featurizer(search, pool, modules, weights)
     # a per-seed order of the pool: the optimizer offers the first of a random subset of not-yet-started
     # configurations, so the list order must not carry structure (pools may be built grouped by hub entry)
     order = np.random.default_rng(derive_seed("bench", "order", seed)).permutation(pool.size)
@@ -287,28 +285,6 @@ def _run_optimizer(
                 suggestion.trial_id, suggestion.epoch, value, float(pool.train_seconds[index, suggestion.epoch - 1])
             )
         check(opt)
-
-
-def _warm_featurizer(search: Any, pool: Pool, modules: PoolModules, weights: str) -> None:
-    """Embed every hub entry once before any decision, as the tuner does.
-
-    This builds the featurizer's per-architecture parts in hub order under the run's seed (so they do not
-    depend on which architecture happens to be trained first) and refuses, in one line, a featurizer that
-    cannot read one of the pool's architectures.
-    """
-    if pool.space.hub_key is None:
-        raise FMSError(f"weights={weights!r} needs a pool whose space has a hub choice")
-    featurizer = getattr(getattr(search, "surrogate", None), "featurizer", None)
-    if featurizer is None:
-        return
-    for entry in getattr(pool.space[pool.space.hub_key], "choices", ()):
-        key = ("hub", str(entry))
-        module = modules(key, {pool.space.hub_key: entry})
-        try:
-            with torch.no_grad():
-                featurizer([module], [key])
-        except FMSError as error:
-            raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None
 
 
 def _spec_table() -> dict[str, MethodSpec]:

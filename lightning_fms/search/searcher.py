@@ -19,13 +19,15 @@ import torch
 
 from lightning_fms.errors import FMSError
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
+from lightning_fms.search.seeds import seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import Trial
-from lightning_fms.surrogate import Surrogate, budget_incumbents, build_surrogate, expected_improvement
+from lightning_fms.surrogate import SURROGATES, Surrogate, budget_incumbents, build_surrogate, expected_improvement
 from lightning_fms.threads import torch_threads
 
-#: Names accepted by :func:`build_searcher` (the one list the recipe, the flags and the benchmark read).
-SEARCHERS: tuple[str, ...] = ("dyhpo", "gp", "random")
+#: Names accepted by :func:`build_searcher` (the one list the recipe, the flags and the benchmark read): a
+#: surrogate searcher per surrogate, and random search.
+SEARCHERS: tuple[str, ...] = (*SURROGATES, "random")
 #: Learning-curve encoders of the surrogate searchers (``build_searcher(curve=...)``).
 CURVE_ENCODERS: tuple[str, ...] = ("cnn", "none")
 
@@ -235,3 +237,90 @@ def build_searcher(
         **(surrogate_options or {}),
     )
     return SurrogateSearcher(surrogate, uses_weights=featurizer is not None)
+
+
+def seeded_searcher(
+    name: str,
+    space: SearchSpace,
+    cap: int,
+    *,
+    seed: int,
+    modules: ModuleProvider | None = None,
+    weights: str = "none",
+    curve: str = "cnn",
+    device: str | None = None,
+    surrogate_options: dict[str, Any] | None = None,
+    featurizer_options: dict[str, Any] | None = None,
+    frozen_layers: bool = False,
+) -> Searcher:
+    """:func:`build_searcher` whose initial parameters depend on ``seed`` only, its featurizer warmed up.
+
+    The searcher is built under a forked torch generator seeded with ``seed`` (Python's and NumPy's global
+    generators are seeded too), so the surrogate's and featurizer's initial parameters do not depend on
+    what ran before; with a weight featurizer and ``modules``, :func:`warm_featurizer` then runs under the
+    same generator. The caller's torch generator is left as it was.
+
+    Args:
+        name: As for :func:`build_searcher`.
+        space: The search space.
+        cap: The per-trial epoch cap.
+        seed: The initialisation seed (a study derives it: ``derive_seed(study_seed, "searcher")``).
+        modules: Builds the module of a weight key (what the optimizer gets); needed for the warm-up.
+        weights: As for :func:`build_searcher`.
+        curve: As for :func:`build_searcher`.
+        device: As for :func:`build_searcher`.
+        surrogate_options: As for :func:`build_searcher`.
+        featurizer_options: As for :func:`build_searcher`.
+        frozen_layers: As for :func:`build_searcher`.
+
+    Raises:
+        FMSError: as :func:`build_searcher` and :func:`warm_featurizer`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        seed_everything_quietly(seed)
+        search = build_searcher(
+            name,
+            space,
+            cap,
+            weights=weights,
+            curve=curve,
+            device=device,
+            surrogate_options=surrogate_options,
+            featurizer_options=featurizer_options,
+            frozen_layers=frozen_layers,
+        )
+        if search.uses_weights and modules is not None:
+            warm_featurizer(search, space, modules, weights)
+    return search
+
+
+def warm_featurizer(search: Searcher, space: SearchSpace, modules: ModuleProvider, weights: str) -> None:
+    """Embed every hub entry once, before any decision.
+
+    This builds the featurizer's per-architecture parts in hub order (so they do not depend on which
+    architecture is trained first, and a resumed study's featurizer has the structure of the one whose state
+    it loads) and refuses, in one line, a featurizer that cannot read an architecture (NFN with
+    ``fallback=False`` needs a plain chain of layers).
+
+    Args:
+        search: The searcher (nothing to do unless its surrogate has a featurizer).
+        space: The search space; its hub choice lists the entries.
+        modules: Builds the pretrained module of the weight key ``("hub", entry)``.
+        weights: The featurizer's name (for the messages).
+
+    Raises:
+        FMSError: the space has no hub choice, or the featurizer cannot embed an entry.
+    """
+    if space.hub_key is None:
+        raise FMSError(f"weights={weights!r} needs a model hub (the search space has no hub choice)")
+    featurizer = getattr(getattr(search, "surrogate", None), "featurizer", None)
+    if featurizer is None:
+        return
+    for entry in getattr(space[space.hub_key], "choices", ()):
+        key = ("hub", str(entry))
+        module = modules(key, {space.hub_key: entry})
+        try:
+            with torch.no_grad():
+                featurizer([module], [key])
+        except FMSError as error:
+            raise FMSError(f"weights={weights!r} cannot embed hub entry {entry!r}: {error}") from None

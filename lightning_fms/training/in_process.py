@@ -32,7 +32,13 @@ from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.executor import EpochJob, EpochOutcome
 from lightning_fms.training.quiet import quiet_lightning
 from lightning_fms.training.trainer import divergence, initial_seed, trainer_for
-from lightning_fms.training.trial_builder import BuiltTrial, FactoryTrialBuilder, TrialBuilder
+from lightning_fms.training.trial_builder import (
+    DEFAULT_EPOCHS_ARGUMENT,
+    DEFAULT_HUB_ARGUMENT,
+    BuiltTrial,
+    FactoryTrialBuilder,
+    TrialBuilder,
+)
 from lightning_fms.training.trial_logger import TrialCSVLogger
 
 
@@ -69,8 +75,8 @@ class InProcessExecutor:
         hub: ModelHub | None,
         monitor: str,
         cap: int,
-        hub_argument: str = "net",
-        epochs_argument: str = "max_epochs",
+        hub_argument: str = DEFAULT_HUB_ARGUMENT,
+        epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         weights_attribute: str | None = None,
         module_options: Mapping[str, Any] | None = None,
         datamodule_options: Mapping[str, Any] | None = None,

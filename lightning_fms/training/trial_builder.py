@@ -26,6 +26,11 @@ from lightning_fms.hub import ModelHub
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.training.trainer import check_trainer_options
 
+#: The module argument that receives the pretrained hub module, unless a recipe or ``FMSTuner`` names another.
+DEFAULT_HUB_ARGUMENT = "net"
+#: The module argument that receives the per-trial epoch cap, unless a recipe or ``FMSTuner`` names another.
+DEFAULT_EPOCHS_ARGUMENT = "max_epochs"
+
 
 @dataclass
 class BuiltTrial:
@@ -90,8 +95,8 @@ class FactoryTrialBuilder:
         space: SearchSpace,
         hub: ModelHub | None,
         cap: int,
-        hub_argument: str = "net",
-        epochs_argument: str = "max_epochs",
+        hub_argument: str = DEFAULT_HUB_ARGUMENT,
+        epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         module_options: Mapping[str, Any] | None = None,
         datamodule_options: Mapping[str, Any] | None = None,
         trainer_options: Mapping[str, Any] | None = None,
