@@ -3,7 +3,8 @@
 The tuner's promises rest on them: a study resumed after a crash makes the same decisions as one never
 interrupted only if an epoch trains the same way however the epochs of a trial were split into jobs; the
 study goes on past a failing trial only if the failure comes back as :attr:`EpochOutcome.error`; the
-frozen-layer fidelity charges less only for epochs that really train fewer layer units.
+frozen-layer fidelity charges less only for epochs that really train fewer layer units; the study optimises
+its own metric only if the executor records the one its jobs name.
 
 Use it as a pytest base class (it needs pytest; the test methods take pytest's ``tmp_path``)::
 
@@ -69,6 +70,9 @@ class ExecutorContract:
         hub_entry: The hub entry a configuration starts from (``None``: no hub; the weight and frozen-layer
             tests are then skipped).
         failing_config: A configuration whose training fails (diverges or raises), or ``None``.
+
+    Every job of the contract monitors :attr:`monitor` with per-trial cap :attr:`cap` (a study's ``monitor``
+    and ``max_epochs_per_trial``); set them on the subclass when the executor's trials log another metric.
     """
 
     # ------------------------------------------------------------------ hooks
