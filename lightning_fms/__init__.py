@@ -43,6 +43,10 @@ _EXPORTS: dict[str, str] = {
     "CheckpointError": "lightning_fms.errors",
     "FMSError": "lightning_fms.errors",
     "StudyLockedError": "lightning_fms.errors",
+    "EpochJob": "lightning_fms.training.executor",
+    "EpochOutcome": "lightning_fms.training.executor",
+    "Executor": "lightning_fms.training.executor",
+    "InProcessExecutor": "lightning_fms.training.in_process",
     "EpochReport": "lightning_fms.training.callback",
     "FMSCheckpointCallback": "lightning_fms.training.callback",
     "TrialSeeder": "lightning_fms.training.seeder",
@@ -93,5 +97,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from lightning_fms.search.trial import Trial, TrialStatus
     from lightning_fms.sweep import read_space_file, space_from_sweep
     from lightning_fms.training.callback import EpochReport, FMSCheckpointCallback
+    from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
+    from lightning_fms.training.in_process import InProcessExecutor
     from lightning_fms.training.seeder import TrialSeeder
     from lightning_fms.tuner import FMSTuner, TuneResult, load_best_weights

@@ -7,8 +7,8 @@ from that trial's config. The hub choice is a parameter over pretrained weight f
 (:class:`WeightFilesHub`). The builder plugs into
 :class:`~lightning_fms.training.in_process.InProcessExecutor` like any other trial builder::
 
-    builder = CLITrialBuilder(cli, space, base_dir, cap=20)
-    executor = InProcessExecutor(builder, monitor="val_acc", hub=builder.hub)
+    builder = CLITrialBuilder(cli, space, base_dir, cap=20, max_epochs_key="model.max_epochs")
+    executor = InProcessExecutor(builder, hub=builder.hub)  # the tuner's jobs name the monitor (and cap=20)
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import HubEntry, ModelHub
 from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam, SearchSpace
+from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.quiet import quiet_lightning
-from lightning_fms.training.trainer import TUNER_TRAINER_KEYS
-from lightning_fms.training.trial_builder import BuiltTrial
+from lightning_fms.training.trainer import TUNER_TRAINER_KEYS, trainer_for
+from lightning_fms.training.trial_builder import BuiltTrial, trial_cap
 
 __all__ = ["CLITrialBuilder", "WeightFilesHub"]
 
@@ -87,7 +88,9 @@ class CLITrialBuilder:
             are those of the subcommand it parsed.
         space: The search space; keys are config keys (``model.init_args.lr``, ``model.lr``, ``data.batch_size``).
         base_dir: Folder relative hub-choice paths are taken from first (then the current directory).
-        cap: The per-trial epoch cap, written at ``max_epochs_key``.
+        cap: The per-trial epoch cap, written at ``max_epochs_key`` for the builds outside a study's jobs (the
+            checks when it is built, the pretrained weights); ``None``: only a job's cap. A job with another cap
+            is refused.
         max_epochs_key: Config key that receives the cap (e.g. ``model.init_args.max_epochs``); ``None``: none.
         weights_attribute: Submodule of the LightningModule that :meth:`pretrained` returns (``""``: all of it).
         reads_weights: The surrogate reads weights (then every searched key must be ``model.*`` or ``data.*``).
@@ -102,7 +105,7 @@ class CLITrialBuilder:
         space: SearchSpace,
         base_dir: Path | None,
         *,
-        cap: int,
+        cap: int | None = None,
         max_epochs_key: str | None = None,
         weights_attribute: str = "",
         reads_weights: bool = False,
@@ -203,14 +206,15 @@ class CLITrialBuilder:
             )
         return WeightFilesHub(entries, self.pretrained)
 
-    def _raw(self, values: Mapping[str, Any]) -> dict[str, Any]:
+    def _raw(self, values: Mapping[str, Any], cap: int | None = None) -> dict[str, Any]:
         raw = copy.deepcopy(self.base)
         for name, value in values.items():
             if name == self.space.hub_key:
                 value = self.files[value]
             _set_path(self._section(raw), self.paths[name], value)
-        if self.cap_path is not None:
-            _set_path(self._section(raw), self.cap_path, self.cap)
+        cap = trial_cap(self.cap, cap)
+        if self.cap_path is not None and cap is not None:
+            _set_path(self._section(raw), self.cap_path, cap)
         return raw
 
     def _parse(self, raw: dict[str, Any], what: str) -> Namespace:
@@ -248,24 +252,25 @@ class CLITrialBuilder:
             )
 
     # ------------------------------------------------------------------ instantiation
-    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None) -> BuiltTrial:
+    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None, cap: int | None = None) -> BuiltTrial:
         """Parse and instantiate one trial's config through the CLI.
 
         Args:
             config: The trial's configuration (space keys to values).
             trial_dir: Where the trial's ``config.yaml`` is written (once), which ``fit --config`` replays.
+            cap: The study's per-trial cap, written at ``max_epochs_key`` (``None``: the builder's own).
 
         Returns:
             The module, the datamodule (``None`` when the config has none), and the Trainer arguments of
             the config that the tuner does not set itself.
 
         Raises:
-            FMSError: the parser rejects the configuration.
+            FMSError: the parser rejects the configuration, or ``cap`` contradicts the builder's own.
         """
-        key = json.dumps(dict(config), sort_keys=True, default=str)
+        key = json.dumps([dict(config), cap], sort_keys=True, default=str)
         cfg = self._cache.get(key)
         if cfg is None:
-            cfg = self._parse(self._raw(config), f"trial configuration {dict(config)}")
+            cfg = self._parse(self._raw(config, cap), f"trial configuration {dict(config)}")
             self._cache[key] = cfg
         if trial_dir is not None and not (trial_dir / "config.yaml").exists():
             dumped = self._section(yaml.safe_load(self.cli.parser.dump(cfg)))
@@ -299,21 +304,17 @@ class CLITrialBuilder:
     def preflight(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None, monitor: str) -> None:
         """One ``fast_dev_run`` batch of the config's model: the monitored metric must be logged.
 
+        The Trainer is a trial's (:func:`~lightning_fms.training.trainer.trainer_for`, with the config's
+        Trainer arguments), plus ``fast_dev_run=1``; the check is no trial of the study, so it takes seed 0.
+
         Raises:
             FMSError: the metric was not logged.
         """
         options = _trainer_options(self._section(self.cli.config_init).get("trainer"))
         with quiet_lightning(), tempfile.TemporaryDirectory() as scratch:
-            options.update(
-                default_root_dir=scratch,
-                fast_dev_run=1,
-                logger=False,
-                callbacks=[],
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            trainer = pl.Trainer(**options)
+            options.update(default_root_dir=scratch, fast_dev_run=1)
+            checkpoint = FMSCheckpointCallback(monitor=monitor, weights_attribute=None)
+            trainer = trainer_for(model, epochs=1, seed=0, trial_id=0, checkpoint=checkpoint, options=options)
             trainer.fit(model, datamodule=datamodule)
         logged = sorted(trainer.callback_metrics)
         if monitor not in logged:

@@ -129,6 +129,8 @@ class FMSTuner:
             budget counts full-epoch equivalents at the cost model of each level.
         executor: Runs the epochs; default: an
             :class:`~lightning_fms.training.in_process.InProcessExecutor` of the factories and options above.
+            Every job carries ``monitor`` and ``max_epochs_per_trial``, so an executor built with another
+            monitor or cap refuses the first job (:class:`~lightning_fms.errors.FMSError`), before training.
 
     Raises:
         FMSError: neither an executor nor both factories, or both; executor options next to an executor.
@@ -310,6 +312,8 @@ class FMSTuner:
                 checkpoint_out=self.ledger.checkpoint_path(trial_id, epoch),
                 log_dir=self.study.trial_dir(trial_id),
                 seed=self.seed,
+                monitor=self.monitor,
+                cap=self.optimizer.cap,
                 trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
                 record_weights=self.snapshots is not None,
             )

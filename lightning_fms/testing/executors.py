@@ -3,7 +3,8 @@
 The tuner's promises rest on them: a study resumed after a crash makes the same decisions as one never
 interrupted only if an epoch trains the same way however the epochs of a trial were split into jobs; the
 study goes on past a failing trial only if the failure comes back as :attr:`EpochOutcome.error`; the
-frozen-layer fidelity charges less only for epochs that really train fewer layer units.
+frozen-layer fidelity charges less only for epochs that really train fewer layer units; the study optimises
+its own metric only if the executor records the one its jobs name.
 
 Use it as a pytest base class (it needs pytest; the test methods take pytest's ``tmp_path``)::
 
@@ -69,6 +70,9 @@ class ExecutorContract:
         hub_entry: The hub entry a configuration starts from (``None``: no hub; the weight and frozen-layer
             tests are then skipped).
         failing_config: A configuration whose training fails (diverges or raises), or ``None``.
+
+    Every job of the contract monitors :attr:`monitor` with per-trial cap :attr:`cap` (a study's ``monitor``
+    and ``max_epochs_per_trial``); set them on the subclass when the executor's trials log another metric.
     """
 
     # ------------------------------------------------------------------ hooks
@@ -88,9 +92,14 @@ class ExecutorContract:
         """A configuration whose first epoch fails (``None``: only the executor-independent failure is tried)."""
         return None
 
+    #: The metric and the per-trial cap of the contract's jobs (a study's ``monitor`` and
+    #: ``max_epochs_per_trial``); override them when the executor under test is built for others.
+    monitor = "val_acc"
+    cap = 5
+
     # ------------------------------------------------------------------ helpers
-    @staticmethod
     def job(
+        self,
         folder: Path,
         config: dict[str, Any],
         epoch: int,
@@ -99,6 +108,7 @@ class ExecutorContract:
         **options: Any,
     ) -> EpochJob:
         """The job of ``epoch`` of trial ``trial_id``, writing ``folder/t<trial>-e<epoch>.ckpt``."""
+        fields: dict[str, Any] = {"seed": 0, "monitor": self.monitor, "cap": self.cap, **options}
         return EpochJob(
             trial_id=trial_id,
             config=dict(config),
@@ -106,8 +116,7 @@ class ExecutorContract:
             resume_from=resume_from,
             checkpoint_out=folder / f"t{trial_id}-e{epoch}.ckpt",
             log_dir=folder / f"trial-{trial_id}",
-            seed=0,
-            **options,
+            **fields,
         )
 
     @staticmethod
@@ -180,6 +189,26 @@ class ExecutorContract:
             assert isinstance(outcome.error, str) and outcome.error, outcome
             assert not job.checkpoint_out.exists()
         self.succeeded(executor.run_epoch(self.job(tmp_path, config, 1, None, trial_id=3)))
+
+    def test_the_job_names_the_metric(self, tmp_path: Path) -> None:
+        """The value is the job's monitored metric; a job monitoring a metric nobody logs stops the study.
+
+        An executor cannot record a metric of its own choosing: it records the job's, or refuses the job with
+        :class:`~lightning_fms.errors.FMSError`, before writing a checkpoint.
+        """
+        import pytest
+
+        from lightning_fms.errors import FMSError
+
+        executor = self.make_executor()
+        config = self.trial_config()
+        outcome = self.succeeded(executor.run_epoch(self.job(tmp_path, config, 1, trial_id=1)))
+        if outcome.metrics:
+            assert outcome.value == outcome.metrics[self.monitor]
+        unlogged = self.job(tmp_path, config, 1, trial_id=2, monitor="metric_that_is_never_logged")
+        with pytest.raises(FMSError):
+            executor.run_epoch(unlogged)
+        assert not unlogged.checkpoint_out.exists()
 
     def test_recorded_weights_load_into_the_pretrained_module(self, tmp_path: Path) -> None:
         """``record_weights`` on the job returns weights with the keys of ``pretrained_module``; off, none."""

@@ -2,8 +2,9 @@
 
 The tuner talks to this seam only, so where an epoch runs (this process, a Ray worker, ...) does not change
 the tuner. An executor is anything with the three methods of :class:`Executor`; it need not subclass it.
-Everything one epoch needs travels on its :class:`EpochJob`, and everything it produced comes back as an
-:class:`EpochOutcome`, so an executor holds no per-epoch state that the tuner sets.
+Everything one epoch needs travels on its :class:`EpochJob` (the metric to record and the trial's epoch cap
+included), and everything it produced comes back as an :class:`EpochOutcome`, so an executor holds no
+per-epoch state that the tuner sets.
 
 :class:`~lightning_fms.training.in_process.InProcessExecutor` runs epochs with Lightning Trainers in this
 process; :class:`lightning_fms.testing.executors.ExecutorContract` is the test suite every executor passes.
@@ -33,6 +34,9 @@ class EpochJob:
         checkpoint_out: Where to write the checkpoint after the epoch (only when it succeeds).
         log_dir: The trial's folder (logs, the trial's own files).
         seed: The study's seed.
+        monitor: The metric the study optimises: :attr:`EpochOutcome.value` is its value after the epoch.
+        cap: The study's per-trial epoch cap, the horizon of the trial's LR schedule (the trial builder passes
+            it to the module, e.g. as ``max_epochs``); ``epoch`` is at most ``cap``.
         trainable_fraction: Share of layer units trained in this epoch (the frozen-layer fidelity);
             ``None``: no layer is frozen.
         record_weights: Return the weights after the epoch in :attr:`EpochOutcome.weights` (the tuner asks
@@ -46,6 +50,8 @@ class EpochJob:
     checkpoint_out: Path
     log_dir: Path
     seed: int
+    monitor: str
+    cap: int
     trainable_fraction: float | None = None
     record_weights: bool = False
 
@@ -55,7 +61,7 @@ class EpochOutcome:
     """What an epoch produced. ``error`` set means the trial failed (the study goes on).
 
     Attributes:
-        value: The monitored metric after the epoch (``nan`` when it failed).
+        value: The job's monitored metric after the epoch (``nan`` when it failed).
         weights: CPU ``state_dict`` of the network the featurizer reads (keys of
             :meth:`Executor.pretrained_module`'s module), when the job asked for them.
         error: Why the epoch failed, one line; ``None`` when it succeeded and its checkpoint was written.
@@ -75,8 +81,9 @@ class Executor(Protocol):
     """Runs a study's epochs; what :class:`~lightning_fms.tuner.FMSTuner` calls.
 
     Error contract: a problem with the user's set-up that no other trial would escape (bad arguments, the
-    monitored metric never logged) raises :class:`~lightning_fms.errors.FMSError` and stops the study;
-    anything else that goes wrong while training is returned as :attr:`EpochOutcome.error`.
+    monitored metric never logged, a job whose monitor or cap contradicts how the executor was built) raises
+    :class:`~lightning_fms.errors.FMSError` and stops the study; anything else that goes wrong while training
+    is returned as :attr:`EpochOutcome.error`.
     """
 
     def run_epoch(self, job: EpochJob) -> EpochOutcome:

@@ -47,7 +47,9 @@ class InProcessExecutor:
 
     Args:
         trial_builder: Builds a trial's module, datamodule and Trainer arguments from its configuration.
-        monitor: Metric to record.
+        monitor: The metric recorded outside a study's jobs (the benchmark's pool builder reads it); ``None``:
+            each job names it (:attr:`~lightning_fms.training.executor.EpochJob.monitor`). Given, a job that
+            monitors another metric is refused.
         hub: The model hub of :meth:`pretrained_module` (``None``: no hub choice).
         weights_attribute: Submodule of the trial's module whose weights are recorded and split into layer
             units (``""``: the whole module; ``None``: record no weights, split the whole module).
@@ -57,7 +59,7 @@ class InProcessExecutor:
         self,
         trial_builder: TrialBuilder,
         *,
-        monitor: str,
+        monitor: str | None = None,
         hub: ModelHub | None = None,
         weights_attribute: str | None = "",
     ) -> None:
@@ -73,8 +75,8 @@ class InProcessExecutor:
         datamodule_factory: Callable[..., pl.LightningDataModule],
         space: SearchSpace,
         hub: ModelHub | None,
-        monitor: str,
-        cap: int,
+        monitor: str | None = None,
+        cap: int | None = None,
         hub_argument: str = DEFAULT_HUB_ARGUMENT,
         epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         weights_attribute: str | None = None,
@@ -89,8 +91,11 @@ class InProcessExecutor:
             datamodule_factory: Builds the LightningDataModule from keyword arguments.
             space: The search space.
             hub: The model hub, or ``None`` when the space has no hub choice.
-            monitor: Metric to record.
-            cap: The per-trial epoch cap, passed to the module as ``epochs_argument`` if it accepts it.
+            monitor: The metric recorded outside a study's jobs (``None``: each job names it; given, a job
+                that monitors another metric is refused).
+            cap: The per-trial epoch cap of builds outside a study's jobs, passed to the module as
+                ``epochs_argument`` if it accepts it (``None``: only a job's cap; given, a job with another cap
+                is refused).
             hub_argument: Name of the module argument that receives the pretrained hub module.
             epochs_argument: Name of the module argument that receives the cap (LR schedule horizon).
             weights_attribute: Submodule whose weights are recorded (default: ``hub_argument`` with a hub,
@@ -126,7 +131,11 @@ class InProcessExecutor:
         return self.hub.build(str(entry))
 
     def build_trial(
-        self, config: Mapping[str, Any], seed: int | None = None, trial_dir: Path | None = None
+        self,
+        config: Mapping[str, Any],
+        seed: int | None = None,
+        trial_dir: Path | None = None,
+        cap: int | None = None,
     ) -> BuiltTrial:
         """Build a trial's module, datamodule and Trainer arguments.
 
@@ -135,13 +144,14 @@ class InProcessExecutor:
             seed: Seeds the global generators first, so freshly initialised layers (a new head) are
                 the same every time the trial starts.
             trial_dir: The trial's folder, when the build is for one of its epochs.
+            cap: The study's per-trial cap, when the build is for one of its epochs (``None``: the builder's).
 
         Raises:
-            FMSError: the builder rejects the configuration.
+            FMSError: the builder rejects the configuration or the cap.
         """
         if seed is not None:
             seed_everything_quietly(seed)
-        return self.trial_builder(config, trial_dir)
+        return self.trial_builder(config, trial_dir, cap=cap)
 
     def build(
         self, config: Mapping[str, Any], seed: int | None = None
@@ -186,15 +196,25 @@ class InProcessExecutor:
     def run_epoch(self, job: EpochJob) -> EpochOutcome:
         """Train one epoch and write the trial's checkpoint.
 
+        The job's monitor is recorded and its cap goes to the trial builder.
+
         Raises:
-            FMSError: a problem with the user's set-up (bad arguments, metric never logged); the study
-                must stop. Anything training itself raises is returned as ``EpochOutcome.error``.
+            FMSError: a problem with the user's set-up (bad arguments, metric never logged, a monitor or cap
+                other than the executor's own); the study must stop. Anything training itself raises is
+                returned as ``EpochOutcome.error``.
         """
         start = time.perf_counter()
-        trial = self.build_trial(job.config, seed=initial_seed(job.seed, job.trial_id), trial_dir=job.log_dir)
+        if self.monitor is not None and job.monitor != self.monitor:
+            raise FMSError(
+                f"the study monitors {job.monitor!r} but the executor was built with monitor={self.monitor!r} "
+                "(give one monitor)"
+            )
+        trial = self.build_trial(
+            job.config, seed=initial_seed(job.seed, job.trial_id), trial_dir=job.log_dir, cap=job.cap
+        )
         module = trial.module
         callback = FMSCheckpointCallback(
-            monitor=self.monitor,
+            monitor=job.monitor,
             weights_attribute=self.weights_attribute if job.record_weights else None,
             stop_after_epoch=job.epoch,
         )
@@ -228,7 +248,7 @@ class InProcessExecutor:
         report = callback.last
         if report is None or trainer.current_epoch != job.epoch:
             outcome.error = f"no validation ran in epoch {job.epoch}"
-        elif report.error is not None and self.monitor not in report.available_metrics:
+        elif report.error is not None and job.monitor not in report.available_metrics:
             raise FMSError(report.error)
         else:
             outcome.value = report.value

@@ -1,7 +1,8 @@
 """The Lightning ``Trainer`` of a trial's epochs, built in one place.
 
-:func:`trainer_for` is used by the in-process executor (one epoch per fit, resumed from the trial's checkpoint)
-and by the benchmark's pool builder (all of a configuration's epochs in one fit). The benchmark's tables are
+:func:`trainer_for` is used by the in-process executor (one epoch per fit, resumed from the trial's checkpoint),
+by the benchmark's pool builder (all of a configuration's epochs in one fit) and by the LightningCLI's one-batch
+check (``fast_dev_run=1`` in ``options``). The benchmark's tables are
 valid only while both train the same way, so both take their Trainer, their seeds and their notion of a
 diverged epoch from here.
 """

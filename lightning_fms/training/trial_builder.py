@@ -51,13 +51,16 @@ class BuiltTrial:
 class TrialBuilder(Protocol):
     """Builds the objects of one trial from its configuration."""
 
-    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None) -> BuiltTrial:
+    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None, cap: int | None = None) -> BuiltTrial:
         """Build a trial.
 
         Args:
             config: The trial's configuration.
             trial_dir: The trial's folder when the build is for one of its epochs (a builder may keep files
                 there, e.g. the trial's config); ``None`` for other builds (cost model, checks).
+            cap: The study's per-trial epoch cap (the LR-schedule horizon) when the build is for one of its
+                epochs (:attr:`~lightning_fms.training.executor.EpochJob.cap`); ``None``: the builder's own,
+                if it has one (see :func:`trial_cap`).
 
         Raises:
             FMSError: the configuration cannot be built (a set-up problem).
@@ -69,15 +72,16 @@ class FactoryTrialBuilder:
     """Builds trials by calling a module factory and a datamodule factory.
 
     The module receives ``module_options``, then the space's ``model.*`` values, the hub entry's pretrained
-    network as ``hub_argument`` and the trial's cap as ``epochs_argument`` (if it accepts it); the datamodule
-    receives ``datamodule_options``, then the space's ``data.*`` values.
+    network as ``hub_argument`` and the trial's cap (:func:`trial_cap`) as ``epochs_argument`` (if it accepts it);
+    the datamodule receives ``datamodule_options``, then the space's ``data.*`` values.
 
     Args:
         module_factory: Builds the LightningModule from keyword arguments (a class or a function).
         datamodule_factory: Builds the LightningDataModule from keyword arguments.
         space: The search space (splits a configuration into hub entry, module and data arguments).
         hub: The model hub, or ``None`` when the space has no hub choice.
-        cap: The per-trial epoch cap.
+        cap: The per-trial epoch cap of builds outside a study's jobs (cost model, benchmark pools);
+            ``None``: only a job's cap is passed. Given, a job with another cap is refused.
         hub_argument: Name of the module argument that receives the pretrained hub module.
         epochs_argument: Name of the module argument that receives the cap (LR schedule horizon); ``""``: none.
         module_options: Fixed module arguments (the space's values override them).
@@ -94,7 +98,7 @@ class FactoryTrialBuilder:
         datamodule_factory: Callable[..., pl.LightningDataModule],
         space: SearchSpace,
         hub: ModelHub | None,
-        cap: int,
+        cap: int | None = None,
         hub_argument: str = DEFAULT_HUB_ARGUMENT,
         epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         module_options: Mapping[str, Any] | None = None,
@@ -115,21 +119,42 @@ class FactoryTrialBuilder:
         self.datamodule_options = dict(datamodule_options or {})
         self.trainer_options = dict(trainer_options or {})
 
-    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None) -> BuiltTrial:
-        """Call the factories with the configuration's values (``trial_dir`` is not used).
+    def __call__(self, config: Mapping[str, Any], trial_dir: Path | None = None, cap: int | None = None) -> BuiltTrial:
+        """Call the factories with the configuration's values and the trial's cap (``trial_dir`` is not used).
 
         Raises:
-            FMSError: the factories reject the arguments (a space key that is not an argument, ...).
+            FMSError: the factories reject the arguments (a space key that is not an argument, ...), or
+                ``cap`` contradicts the builder's own.
         """
+        cap = trial_cap(self.cap, cap)
         entry, model_args, data_args = self.space.split(dict(config))
         kwargs = {**self.module_options, **model_args}
         if self.hub is not None and entry is not None:
             kwargs[self.hub_argument] = self.hub.build(str(entry))
-        if self.epochs_argument and accepts_argument(self.module_factory, self.epochs_argument):
-            kwargs.setdefault(self.epochs_argument, self.cap)
+        if cap is not None and self.epochs_argument and accepts_argument(self.module_factory, self.epochs_argument):
+            kwargs.setdefault(self.epochs_argument, cap)
         module = _call(self.module_factory, kwargs, "module")
         datamodule = _call(self.datamodule_factory, {**self.datamodule_options, **data_args}, "datamodule")
         return BuiltTrial(module, datamodule, dict(self.trainer_options))
+
+
+def trial_cap(own: int | None, job: int | None) -> int | None:
+    """The cap a trial is built with: the job's when given (it must agree with the builder's own), else the own.
+
+    Args:
+        own: The cap the builder was built with (``None``: none).
+        job: The cap of the job the build is for (``None``: the build is for no job).
+
+    Raises:
+        FMSError: both are given and differ (the LR-schedule horizon would silently change).
+    """
+    if job is None:
+        return own
+    if own is not None and int(job) != int(own):
+        raise FMSError(
+            f"the study's per-trial cap is {job} but the trial builder was built with cap={own} (give one cap)"
+        )
+    return int(job)
 
 
 def accepts_argument(factory: Callable[..., Any], name: str, unknown: bool = False) -> bool:

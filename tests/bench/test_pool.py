@@ -94,6 +94,8 @@ def test_values_and_weights_equal_what_the_tuner_executor_records(built, tmp_pat
                 checkpoint_out=tmp_path / f"{epoch}.ckpt",
                 log_dir=tmp_path,
                 seed=task.pool_seed,
+                monitor=task.recipe.monitor,
+                cap=task.epochs,
                 record_weights=True,
             )
         )

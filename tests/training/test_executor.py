@@ -28,15 +28,9 @@ class SilentClassifier(ImageClassifier):
 
 
 def job(folder, trial_id, config, epoch, resume=None, **options):
+    fields = {"seed": 0, "monitor": "val_acc", "cap": 5, **options}
     return EpochJob(
-        trial_id,
-        config,
-        epoch,
-        resume,
-        folder / f"t{trial_id}-e{epoch}.ckpt",
-        folder / f"log{trial_id}",
-        seed=0,
-        **options,
+        trial_id, config, epoch, resume, folder / f"t{trial_id}-e{epoch}.ckpt", folder / f"log{trial_id}", **fields
     )
 
 
@@ -89,13 +83,13 @@ def test_set_up_problems_are_refused(hub, tmp_path):
     silent = InProcessExecutor.from_factories(SilentClassifier, DigitsDataModule, space, hub, monitor="val_acc", cap=3)
     config = {"hub": "mlp-s", "model.lr": 0.05, "model.dropout": 0.0}
     with pytest.raises(FMSError, match="'val_acc' was never logged"):  # raised: no other trial would log it either
-        silent.run_epoch(job(tmp_path, 1, config, 1))
+        silent.run_epoch(job(tmp_path, 1, config, 1, cap=3))
     assert not (tmp_path / "t1-e1.ckpt").exists()
     typo = {"hub": "mlp-s", "model.learning_rate": 0.05}
     with pytest.raises(
         FMSError, match="cannot build the module SilentClassifier .* unexpected keyword argument .learning_rate."
     ):
-        silent.run_epoch(job(tmp_path, 2, typo, 1))
+        silent.run_epoch(job(tmp_path, 2, typo, 1, cap=3))
 
 
 def test_the_factories_receive_the_hub_module_the_cap_and_the_options(hub):
@@ -129,7 +123,7 @@ class RecordingBuilder:
         self.hub = hub
         self.calls = []
 
-    def __call__(self, config, trial_dir=None):
+    def __call__(self, config, trial_dir=None, cap=None):
         self.calls.append((dict(config), trial_dir, torch.rand(1).item()))
         module = ImageClassifier(self.hub.build(config["hub"]), lr=config["lr"])
         options = {"accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1}
@@ -152,3 +146,50 @@ def test_any_trial_builder_plugs_in_and_its_trainer_options_travel_per_trial(hub
     costs = executor.frozen_layer_costs([config], (0.25, 1.0))
     assert [call[1] for call in builder.calls] == [None]  # not an epoch of a trial: no trial folder
     assert len(costs) == 1 and costs[0][0] < costs[0][1] == 1.0
+
+
+def test_the_job_names_the_metric_and_the_cap(hub, tmp_path):
+    """An executor built without them takes both from each job: the value, the LR horizon and the module's cap."""
+    space = SearchSpace.from_dict(SPACE_SPEC, hub_entries=hub.names)
+    executor = InProcessExecutor.from_factories(ImageClassifier, DigitsDataModule, space, hub)
+    config = {"hub": "mlp-s", "model.lr": 0.05, "model.dropout": 0.0}
+    for trial_id, monitor, cap in ((1, "val_loss", 4), (2, "val_acc", 7)):
+        outcome = executor.run_epoch(job(tmp_path, trial_id, config, 1, monitor=monitor, cap=cap))
+        assert outcome.error is None and outcome.value == outcome.metrics[monitor]
+        saved = torch.load(tmp_path / f"t{trial_id}-e1.ckpt", weights_only=True)
+        assert saved["lr_schedulers"][0]["T_max"] == cap and saved["hyper_parameters"]["max_epochs"] == cap
+    assert executor.build_trial(config).module.hparams.max_epochs == 20  # outside a job: the module's default
+
+
+def test_a_job_that_contradicts_the_executor_is_refused_before_training(hub, tmp_path):
+    """Built with a monitor and a cap, the executor refuses a job with others instead of silently using its own."""
+    space = SearchSpace.from_dict(SPACE_SPEC, hub_entries=hub.names)
+    executor = InProcessExecutor.from_factories(ImageClassifier, DigitsDataModule, space, hub, monitor="val_acc", cap=5)
+    config = {"hub": "mlp-s", "model.lr": 0.05, "model.dropout": 0.0}
+    with pytest.raises(
+        FMSError, match=r"^the study monitors 'val_loss' but the executor was built with monitor='val_acc'"
+    ):
+        executor.run_epoch(job(tmp_path, 1, config, 1, monitor="val_loss"))
+    with pytest.raises(FMSError, match=r"^the study's per-trial cap is 3 but the trial builder was built with cap=5"):
+        executor.run_epoch(job(tmp_path, 2, config, 1, cap=3))
+    assert not list(tmp_path.glob("*.ckpt")) and not (tmp_path / "log1").exists() and not (tmp_path / "log2").exists()
+    assert executor.run_epoch(job(tmp_path, 3, config, 1)).error is None  # the executor's own monitor and cap
+
+
+def test_the_lightning_cli_builder_writes_the_job_s_cap_at_its_key(in_cli_dir):
+    from digits import DigitsFineTuner  # recipes/cli/digits.py, importable in in_cli_dir
+
+    from lightning_fms.cli_trials import CLITrialBuilder
+    from lightning_fms.lightning_cli import FMSLightningCLI
+    from lightning_fms.sweep import read_space_file
+
+    cli = FMSLightningCLI(DigitsFineTuner, DigitsDataModule, args=["--config", "cfg.yaml"], run=False)
+    space = read_space_file(str(in_cli_dir / "space.yaml")).space
+    config = {"model.pretrained": "weights/cnn-s.safetensors", "model.lr": 0.05}
+    free = CLITrialBuilder(cli, space, in_cli_dir, max_epochs_key="model.max_epochs")
+    assert free(config, cap=3).module.hparams.max_epochs == 3
+    assert free(config, cap=6).module.hparams.max_epochs == 6
+    capped = CLITrialBuilder(cli, space, in_cli_dir, cap=5, max_epochs_key="model.max_epochs")
+    assert capped(config).module.hparams.max_epochs == capped(config, cap=5).module.hparams.max_epochs == 5
+    with pytest.raises(FMSError, match="per-trial cap is 3 but the trial builder was built with cap=5"):
+        capped(config, cap=3)

@@ -70,6 +70,7 @@ def test_the_tuner_runs_an_executor_of_its_own_kind(hub, tmp_path, fast_surrogat
     assert {job.trainable_fraction for job in executor.jobs} <= {0.5, 1.0}
     decisions = tuner.optimizer.decisions
     assert [(job.trial_id, job.epoch) for job in executor.jobs] == [(d["trial"], d["epoch"]) for d in decisions]
+    assert {(job.monitor, job.cap) for job in executor.jobs} == {("val_acc", 2)}  # the tuner's, on every job
     assert len(list((tmp_path / "study" / "weights").glob("*.safetensors"))) == len(executor.jobs)
 
 
@@ -106,3 +107,27 @@ def test_an_executor_or_both_factories(hub, tmp_path):
     assert FMSTuner(executor=executor, space=_space(hub), **common).executor is executor
     built = FMSTuner(ImageClassifier, DigitsDataModule, _space(hub), **common).executor
     assert isinstance(built, InProcessExecutor) and built.weights_attribute == "net"
+
+
+@pytest.mark.parametrize(
+    ("tuner_args", "refusal"),
+    [
+        (
+            {"monitor": "val_loss", "mode": "min"},
+            "the study monitors 'val_loss' but the executor was built with monitor='val_acc'",
+        ),
+        ({"max_epochs_per_trial": 3}, "the study's per-trial cap is 3 but the trial builder was built with cap=2"),
+    ],
+)
+def test_a_tuner_and_an_executor_that_disagree_stop_before_training(hub, tmp_path, tuner_args, refusal):
+    """The executor is built for val_acc and cap 2: a study of another metric or cap is refused, not run."""
+    executor = DelegatingExecutor(_inner(hub))
+    settings = {"monitor": "val_acc", "max_epochs_per_trial": 2, **tuner_args}
+    tuner = FMSTuner(
+        executor=executor, space=_space(hub), hub=hub, study_dir=tmp_path / "study", budget=2, searcher="random",
+        progress=False, **settings,
+    )  # fmt: skip
+    with pytest.raises(FMSError, match=f"^{refusal}"):
+        tuner.run()
+    assert len(executor.jobs) == 1 and not list((tmp_path / "study").rglob("*.ckpt"))
+    assert tuner.optimizer.epochs_spent == 0
