@@ -257,6 +257,19 @@ def slice_segments(segs: tuple[Segment, ...], sel: slice) -> tuple[Segment, ...]
     return tuple(out)
 
 
+def _index_features(x: Activation, segs: tuple[Segment, ...], item: Any) -> tuple[tuple[Segment, ...], bool]:
+    """Apply one index ``item`` to the feature dimension: ``(segments after it, whether the dimension is gone)``."""
+    if isinstance(item, slice):
+        if item != slice(None):
+            if x.flat is not None:
+                raise Unsupported("slicing flattened features")
+            segs = slice_segments(segs, item)
+        return segs, False
+    if as_int(item) is not None:
+        return slice_segments(segs, slice(as_int(item), as_int(item) + 1 or None)), True
+    raise Unsupported("advanced indexing of the feature dimension")
+
+
 def getitem(x: Any, idx: Any) -> Any:
     """``x[idx]``: items of tuples, slices and integer indices of the feature dimension, ``None`` and ``...``.
 
@@ -307,16 +320,8 @@ def getitem(x: Any, idx: Any) -> Any:
                 shift += 1
             continue
         if fs is not None and d == fs:
-            if isinstance(item, slice):
-                if item != slice(None):
-                    if x.flat is not None:
-                        raise Unsupported("slicing flattened features")
-                    segs = slice_segments(segs, item)
-            elif as_int(item) is not None:
-                segs = slice_segments(segs, slice(as_int(item), as_int(item) + 1 or None))
-                removed_fdim = True
-            else:
-                raise Unsupported("advanced indexing of the feature dimension")
+            segs, removed = _index_features(x, segs, item)
+            removed_fdim = removed_fdim or removed
         elif fs is not None and d < fs and not isinstance(item, slice):
             shift -= 1
         d += 1
@@ -328,16 +333,8 @@ def getitem(x: Any, idx: Any) -> Any:
                 pass
             continue
         if fe is not None and d == fe:
-            if isinstance(item, slice):
-                if item != slice(None):
-                    if x.flat is not None:
-                        raise Unsupported("slicing flattened features")
-                    segs = slice_segments(segs, item)
-            elif as_int(item) is not None:
-                segs = slice_segments(segs, slice(as_int(item), as_int(item) + 1 or None))
-                removed_fdim = True
-            else:
-                raise Unsupported("advanced indexing of the feature dimension")
+            segs, removed = _index_features(x, segs, item)
+            removed_fdim = removed_fdim or removed
         d -= 1
     if removed_fdim:
         return Activation(segs, None, None, None)
