@@ -129,7 +129,7 @@ def test_an_in_process_fit_that_raises_reports_its_failure_message(hub, tmp_path
         MultiLineFailure, DigitsDataModule, space, hub, monitor="val_acc", cap=3
     )
     config = {"hub": "mlp-s", "model.lr": 0.05}
-    job = EpochJob(0, config, 1, None, tmp_path / "t0-e1.ckpt", tmp_path / "log0", seed=0)
+    job = EpochJob(0, config, 1, None, tmp_path / "t0-e1.ckpt", tmp_path / "log0", seed=0, monitor="val_acc", cap=3)
     outcome = executor.run_epoch(job)
     assert outcome.error == "RuntimeError: the step failed"
     assert outcome.weights is None and not (tmp_path / "t0-e1.ckpt").exists()
