@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from lightning_fms.errors import FMSError
+from lightning_fms.search.optimizer import DEFAULT_FRESH_CANDIDATES, DEFAULT_STARTUP_TRIALS
 from lightning_fms.search.searcher import CURVE_ENCODERS, SEARCHERS
 from lightning_fms.weights.registry import FEATURIZERS
 
@@ -169,8 +170,8 @@ class StudyOptions:
     )
     curve: CurveEncoderName = option("cnn", f"Learning-curve encoder: {', '.join(CURVE_ENCODERS)}.")
     device: str | None = option(None, "Surrogate device (default: CUDA when present).")
-    num_fresh_candidates: int = option(64, "Fresh configurations scored per decision.")
-    num_startup_trials: int = option(2, "Random configurations started before the searcher is asked.")
+    num_fresh_candidates: int = option(DEFAULT_FRESH_CANDIDATES, "Fresh configurations scored per decision.")
+    num_startup_trials: int = option(DEFAULT_STARTUP_TRIALS, "Random configurations started before the searcher.")
     max_paused_trials: int | None = option(None, "Bound on paused trials (their checkpoints); default unbounded.")
     surrogate_options: dict[str, Any] | None = option(None, "Extra surrogate arguments, e.g. '{full_fit_steps: 60}'.")
     featurizer_options: dict[str, Any] | None = option(None, "Extra featurizer arguments, e.g. '{embedding_dim: 16}'.")

@@ -35,6 +35,10 @@ from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import Trial, TrialStatus, config_key, to_score
 
 STATE_VERSION = 1
+DEFAULT_FRESH_CANDIDATES = 64
+"""Fresh configurations offered per decision unless told otherwise (the study options take it from here)."""
+DEFAULT_STARTUP_TRIALS = 2
+"""Random configurations started before the searcher is consulted, unless told otherwise."""
 _SLACK = 1e-9
 
 
@@ -78,8 +82,8 @@ class FreezeThawOptimizer:
         max_epochs_per_trial: int,
         mode: str = "max",
         seed: int = 0,
-        num_fresh_candidates: int = 64,
-        num_startup_trials: int = 2,
+        num_fresh_candidates: int = DEFAULT_FRESH_CANDIDATES,
+        num_startup_trials: int = DEFAULT_STARTUP_TRIALS,
         max_paused_trials: int | None = None,
         modules: ModuleProvider | None = None,
         configurations: Sequence[dict[str, Any]] | None = None,
