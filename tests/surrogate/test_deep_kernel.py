@@ -11,18 +11,10 @@ import pytest
 import torch
 
 from lightning_fms.surrogate import DeepKernelSurrogate
-from lightning_fms.testing.surrogates import learning_curve_rows
 
 CAP = 8
 X_DIM = 3
 FAST = {"full_fit_steps": 80, "refine_steps": 8, "learning_rate": 1e-2, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def data():
-    train, y = learning_curve_rows(10, seed=0, x_dim=X_DIM, curve_length=CAP)
-    test, y_test = learning_curve_rows(12, seed=1, x_dim=X_DIM, curve_length=CAP)
-    return train, y, test, y_test
 
 
 def test_fit_tracks_learning_curves(data) -> None:

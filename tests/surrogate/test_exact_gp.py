@@ -14,18 +14,11 @@ import pytest
 import torch
 
 from lightning_fms.surrogate import DeepKernelSurrogate, PlainGPSurrogate, exact_gp
-from lightning_fms.testing.surrogates import learning_curve_rows, nan_likelihood, weights_only_round_trip
+from lightning_fms.testing.surrogates import nan_likelihood, weights_only_round_trip
 
 CAP = 8
 X_DIM = 3
 FAST = {"full_fit_steps": 80, "refine_steps": 8, "learning_rate": 1e-2, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def data():
-    train, y = learning_curve_rows(10, seed=0, x_dim=X_DIM, curve_length=CAP)
-    test, y_test = learning_curve_rows(12, seed=1, x_dim=X_DIM, curve_length=CAP)
-    return train, y, test, y_test
 
 
 def deep_kernel(**options) -> DeepKernelSurrogate:

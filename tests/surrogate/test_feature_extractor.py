@@ -15,13 +15,6 @@ X_DIM = 3
 FAST = {"full_fit_steps": 80, "refine_steps": 8, "learning_rate": 1e-2, "device": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def data():
-    train, y = learning_curve_rows(10, seed=0, x_dim=X_DIM, curve_length=CAP)
-    test, _ = learning_curve_rows(12, seed=1, x_dim=X_DIM, curve_length=CAP)
-    return train, y, test
-
-
 def test_pack_rows_standardises_real_curve_entries_and_pads() -> None:
     rows = SurrogateRows(
         x=torch.tensor([[0.1, 0.2], [0.3, 0.4]]),
@@ -63,7 +56,7 @@ def test_extractor_reads_each_part_of_the_packed_row() -> None:
 
 
 def test_use_curve_false_ignores_curves(data) -> None:
-    train, y, test = data
+    train, y, test, _ = data
     scrambled_train = SurrogateRows(train.x, train.budget, torch.rand_like(train.curves), train.curve_lengths)
     scrambled_test = SurrogateRows(test.x, test.budget, torch.rand_like(test.curves) * 5, test.curve_lengths)
     answers = []
