@@ -15,11 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lightning_fms.errors import FMSError
+from lightning_fms.search.promotion import promotion_index
+from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS, cap_rows
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
-from lightning_fms.search.seeds import seed_everything_quietly
+from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import Trial
 from lightning_fms.surrogate import SURROGATES, Surrogate, budget_incumbents, build_surrogate, expected_improvement
@@ -30,6 +33,9 @@ from lightning_fms.threads import torch_threads
 SEARCHERS: tuple[str, ...] = (*SURROGATES, "random")
 #: Learning-curve encoders of the surrogate searchers (``build_searcher(curve=...)``).
 CURVE_ENCODERS: tuple[str, ...] = ("cnn", "none")
+#: Probability of a promotion decision (see :mod:`lightning_fms.search.promotion`) per searcher by default: the
+#: paper's DyHPO/FMS and the plain GP as published (0); the library default ``fms`` as chosen by the benchmark.
+DEFAULT_PROMOTION_PROBABILITY: dict[str, float] = {"fms": 0.25, "dyhpo": 0.0, "gp": 0.0}
 
 
 @dataclass
@@ -96,29 +102,70 @@ class SurrogateSearcher(Searcher):
         cpu_threads: torch intra-op threads while the surrogate works on the CPU. The GP and its
             feature extractor are small: on this project's 2-core machine one thread was 10-20x faster
             than two whenever another process competed for the cores. ``None`` leaves torch's setting.
+        max_rows: Cap on the training rows (:func:`~lightning_fms.search.row_cap.cap_rows`); ``None``: no cap.
+        promotion_probability: Per decision, the probability of continuing the best paused trial of the
+            highest rung without consulting the surrogate (:mod:`lightning_fms.search.promotion`).
+        hide_hub: Hide which hub entry a configuration starts from (its encoded columns are zero in every
+            row): the paper's setting, where only the weights tell the models apart.
     """
 
     def __init__(
-        self, surrogate: Surrogate, uses_weights: bool = False, min_rows: int = 2, cpu_threads: int | None = 1
+        self,
+        surrogate: Surrogate,
+        uses_weights: bool = False,
+        min_rows: int = 2,
+        cpu_threads: int | None = 1,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        promotion_probability: float = 0.0,
+        hide_hub: bool = False,
     ) -> None:
+        if not 0.0 <= float(promotion_probability) <= 1.0:
+            raise FMSError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}")
+        if max_rows is not None and int(max_rows) < 2:
+            raise FMSError(f"max_rows must be at least 2 (or None), got {max_rows!r}")
         self.surrogate = surrogate
         self.uses_weights = uses_weights
         self.min_rows = min_rows
         self.cpu_threads = cpu_threads
+        self.max_rows = None if max_rows is None else int(max_rows)
+        self.promotion_probability = float(promotion_probability)
+        self.hide_hub = bool(hide_hub)
+
+    def _encode(self, context: SelectionContext, specs: Sequence[RowSpec]) -> Any:
+        """Encode rows for the surrogate (hub columns zeroed when the hub is hidden)."""
+        modules = context.modules if self.uses_weights else None
+        rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=context.frozen_layers)
+        if self.hide_hub and context.space.hub_key is not None:
+            start = 0
+            for name in context.space:
+                if name == context.space.hub_key:
+                    break
+                start += context.space[name].dim
+            rows.x[:, start : start + context.space[context.space.hub_key].dim] = 0.0
+        return rows
 
     def select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int) -> Selection:
         """Fit on all observations, then maximise expected improvement over ``candidates``."""
         specs, targets = training_specs(context.space, list(context.trials.values()), context.mode)
         if len(specs) < self.min_rows:
             return Selection(index=0, info={"surrogate_s": 0.0})
-        modules = context.modules if self.uses_weights else None
+        if self.promotion_probability > 0:
+            draw = np.random.default_rng(derive_seed(seed, "promotion")).random()
+            promoted = None
+            if draw < self.promotion_probability:
+                promoted = promotion_index(candidates, context.trials, context.mode)
+            if promoted is not None:
+                return Selection(index=promoted, info={"surrogate_s": 0.0, "promotion": 1.0})
         two_d = context.frozen_layers
         start = time.perf_counter()
+        keep = cap_rows(specs, self.max_rows, derive_seed(seed, "row cap"))
+        fit_specs = [specs[i] for i in keep]
+        fit_targets = [targets[i] for i in keep]
         with torch_threads(self.cpu_threads):
-            rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=two_d)
-            self.surrogate.fit(rows, torch.tensor(targets, dtype=torch.float32), seed)
+            rows = self._encode(context, fit_specs)
+            self.surrogate.fit(rows, torch.tensor(fit_targets, dtype=torch.float32), seed)
             cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
-            cand_rows = encode_rows(context.space, cand_specs, context.cap, modules, fraction_feature=two_d)
+            cand_rows = self._encode(context, cand_specs)
             mean, variance = self.surrogate.posterior(cand_rows)
         incumbents = budget_incumbents(
             torch.tensor([_fidelity_id(s.epoch, s.fraction, two_d) for s in specs], dtype=torch.long),
@@ -149,10 +196,8 @@ class SurrogateSearcher(Searcher):
         Returns:
             ``(mean, variance)``, each ``[M]``, in score units (larger is better).
         """
-        modules = context.modules if self.uses_weights else None
         with torch_threads(self.cpu_threads):
-            rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=context.frozen_layers)
-            return self.surrogate.posterior(rows)
+            return self.surrogate.posterior(self._encode(context, specs))
 
     def state_dict(self) -> dict[str, Any]:
         """The surrogate's state."""
@@ -195,21 +240,29 @@ def build_searcher(
     surrogate_options: dict[str, Any] | None = None,
     featurizer_options: dict[str, Any] | None = None,
     frozen_layers: bool = False,
+    hide_hub: bool = False,
+    promotion_probability: float | None = None,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> Searcher:
     """Build a searcher by name.
 
     Args:
-        name: One of :data:`SEARCHERS`: ``"dyhpo"`` (deep-kernel GP; FMS when ``weights`` is not ``"none"``),
+        name: One of :data:`SEARCHERS`: ``"fms"`` (the plain GP's kernel plus curve and weight kernels, the
+            library default), ``"dyhpo"`` (deep-kernel GP; the paper's FMS when ``weights`` is not ``"none"``),
             ``"gp"`` (plain GP on hyperparameters and budget) or ``"random"``.
         space: The search space.
         cap: The per-trial epoch cap.
-        weights: Checkpoint featurizer for the deep kernel: ``"none"`` or a name known to
-            :func:`lightning_fms.weights.build_featurizer`.
+        weights: Checkpoint featurizer: ``"none"`` or a name known to
+            :func:`lightning_fms.weights.build_featurizer` (``"fms"`` and ``"dyhpo"`` read weights).
         curve: One of :data:`CURVE_ENCODERS`: ``"cnn"`` (learning-curve encoder) or ``"none"``.
         device: Surrogate device; ``None`` picks CUDA when present.
         surrogate_options: Extra keyword arguments for the surrogate.
         featurizer_options: Extra keyword arguments for the featurizer.
         frozen_layers: Give the surrogate one more input column, the trainable fraction of layer units.
+        hide_hub: Hide the hub entry from the surrogate (see :class:`SurrogateSearcher`).
+        promotion_probability: Probability of a promotion decision; ``None``: the searcher's default
+            (:data:`DEFAULT_PROMOTION_PROBABILITY`).
+        max_rows: Cap on the surrogate's training rows (``None``: no cap).
 
     Raises:
         FMSError: an unknown name or option.
@@ -222,8 +275,8 @@ def build_searcher(
         return RandomSearcher()
     featurizer = None
     if weights != "none":
-        if name != "dyhpo":
-            raise FMSError(f"weights={weights!r} needs the deep-kernel searcher 'dyhpo', not {name!r}")
+        if name not in ("fms", "dyhpo"):
+            raise FMSError(f"weights={weights!r} needs a searcher that reads weights ('fms' or 'dyhpo'), not {name!r}")
         from lightning_fms.weights import build_featurizer
 
         featurizer = build_featurizer(weights, **(featurizer_options or {}))
@@ -236,7 +289,16 @@ def build_searcher(
         device=device,
         **(surrogate_options or {}),
     )
-    return SurrogateSearcher(surrogate, uses_weights=featurizer is not None)
+    probability = promotion_probability
+    if probability is None:
+        probability = DEFAULT_PROMOTION_PROBABILITY.get(name, 0.0)
+    return SurrogateSearcher(
+        surrogate,
+        uses_weights=featurizer is not None,
+        max_rows=max_rows,
+        promotion_probability=probability,
+        hide_hub=hide_hub,
+    )
 
 
 def seeded_searcher(
@@ -252,6 +314,9 @@ def seeded_searcher(
     surrogate_options: dict[str, Any] | None = None,
     featurizer_options: dict[str, Any] | None = None,
     frozen_layers: bool = False,
+    hide_hub: bool = False,
+    promotion_probability: float | None = None,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> Searcher:
     """:func:`build_searcher` whose initial parameters depend on ``seed`` only, its featurizer warmed up.
 
@@ -272,6 +337,9 @@ def seeded_searcher(
         surrogate_options: As for :func:`build_searcher`.
         featurizer_options: As for :func:`build_searcher`.
         frozen_layers: As for :func:`build_searcher`.
+        hide_hub: As for :func:`build_searcher`.
+        promotion_probability: As for :func:`build_searcher`.
+        max_rows: As for :func:`build_searcher`.
 
     Raises:
         FMSError: as :func:`build_searcher` and :func:`warm_featurizer`.
@@ -288,6 +356,9 @@ def seeded_searcher(
             surrogate_options=surrogate_options,
             featurizer_options=featurizer_options,
             frozen_layers=frozen_layers,
+            hide_hub=hide_hub,
+            promotion_probability=promotion_probability,
+            max_rows=max_rows,
         )
         if search.uses_weights and modules is not None:
             warm_featurizer(search, space, modules, weights)

@@ -47,6 +47,36 @@ class TestFMSSurrogateWithStatsFeaturizer(ExactGPContract):
         )
 
 
+#: Small fits of the additive GP that still exercise its schedule (fresh, warm-started, periodic fresh refit).
+FAST_ADDITIVE_GP = {"full_fit_steps": 15, "refine_steps": 5, "full_fits": 1, "refit_every": 3}
+
+
+class TestAdditiveGPSurrogate(ExactGPContract):
+    """The library default ``fms`` without weights: plain-GP kernel plus the learning-curve term."""
+
+    def make_surrogate(self) -> Surrogate:
+        return build_surrogate(
+            "fms", x_dim=self.x_dim, curve_length=self.curve_length, device="cpu", **FAST_ADDITIVE_GP
+        )
+
+
+class TestAdditiveGPSurrogateWithWeights(ExactGPContract):
+    """The library default ``fms`` with a weight term (statistics featurizer, used without training)."""
+
+    with_weights = True
+
+    def make_surrogate(self) -> Surrogate:
+        featurizer = build_featurizer("stats", embedding_dim=4)
+        return build_surrogate(
+            "fms",
+            x_dim=self.x_dim,
+            curve_length=self.curve_length,
+            featurizer=featurizer,
+            device="cpu",
+            **FAST_ADDITIVE_GP,
+        )
+
+
 class TestPlainGPSurrogate(ExactGPContract):
     """The plain GP on ``[x, budget]``."""
 
