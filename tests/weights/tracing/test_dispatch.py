@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fms.weights import TOPOLOGY_CACHE, ParameterGraph
+from lightning_fms.weights import TOPOLOGY_CACHE, ParameterGraph, permute_hidden_units
 from lightning_fms.weights.tracing import build_topology
 from lightning_fms.weights.tracing.functions import FUNCTION_HANDLERS
 from lightning_fms.weights.tracing.methods import METHOD_HANDLERS
@@ -151,6 +151,41 @@ def test_buffers_are_traced_and_non_persistent_ones_are_constants() -> None:
     assert g.num_nodes == (4 + 2) + 6 + 6 + 2
     read = {spec.name for spec in (*g.topology.node_specs, *g.topology.edge_specs)}
     assert "offset" in read and "grid" not in read
+
+
+class ChannelOps(nn.Module):
+    """Per-channel PReLU on a feature map, the channels split and concatenated back, max pooling with indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.act = nn.PReLU(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv(x))
+        h = torch.cat(torch.chunk(h, 2, dim=1), dim=1)  # the parts as one value
+        h, _ = F.max_pool2d(h, 2, return_indices=True)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_channel_prelu_split_parts_and_pooling_indices_trace() -> None:
+    g = graph(ChannelOps())
+    assert not g.fallback, g.topology.fallback_reason
+    assert (g.num_nodes, g.num_edges) == (2 + 4 + 4 + 3, 2 * 4 + 4 + 4 * 3)
+
+
+def test_channel_prelu_weights_move_with_their_channels() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    m = m.double().eval()
+    with torch.no_grad():
+        m[1].weight.copy_(torch.rand(4))
+    assert not graph(m).fallback
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    p = permute_hidden_units(m, torch.Generator().manual_seed(0))
+    assert not torch.equal(p[1].weight, m[1].weight)
+    assert torch.allclose(p(x), m(x), atol=1e-12)
 
 
 def test_module_table_dispatches_subclasses_in_order() -> None:
