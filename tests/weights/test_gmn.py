@@ -15,6 +15,7 @@ from lightning_fms.testing.networks import (
     tiny_mlp,
 )
 from lightning_fms.weights import TOPOLOGY_CACHE, GMNFeaturizer, build_featurizer, permute_hidden_units
+from lightning_fms.zoo.deepsets import DeepSets
 
 TOL = 1e-5
 
@@ -39,6 +40,22 @@ def test_sensitivity(gmn: GMNFeaturizer) -> None:
     assert (gmn([a]) - gmn([c])).abs().max() > 1e-6
     r1, r2 = randomize_batchnorm(TinyResidualNet(), 1).double(), randomize_batchnorm(TinyResidualNet(), 2).double()
     assert (gmn([r1]) - gmn([r2])).abs().max() > 1e-4
+
+
+def test_zoo_deepsets_embedding_ignores_the_order_of_its_hidden_units(gmn: GMNFeaturizer) -> None:
+    def deepsets(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return randomize_batchnorm(DeepSets(image_size=4, hidden=6, num_classes=3), seed).double().eval()
+
+    m = deepsets(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced: no statistics fallback
+        base = gmn([m])
+    for seed in range(3):
+        p = permute_hidden_units(m, gen(seed))
+        assert any(not torch.equal(a, b) for a, b in zip(m.state_dict().values(), p.state_dict().values()))
+        assert torch.allclose(gmn([p]), base, atol=TOL)
+    assert (gmn([deepsets(1)]) - base).abs().max() > 100 * TOL  # other weights embed differently
 
 
 def test_auto_trains_the_whole_gmn_on_gpu_and_the_readout_on_cpu() -> None:

@@ -11,6 +11,7 @@ from lightning_fms.testing.featurizers import FeaturizerContract, contract_netwo
 from lightning_fms.testing.networks import TinyResidualNet, TinyTransformer, randomize_batchnorm, tiny_cnn, tiny_mlp
 from lightning_fms.weights import FlatFeaturizer, permute_hidden_units
 from lightning_fms.weights.permutation import plan_for
+from lightning_fms.zoo.deepsets import DeepSets
 
 
 def gen(seed: int) -> torch.Generator:
@@ -24,8 +25,9 @@ def gen(seed: int) -> torch.Generator:
         (lambda: tiny_cnn(4, 5), lambda: torch.randn(2, 1, 8, 8)),
         (lambda: randomize_batchnorm(TinyResidualNet()).eval(), lambda: torch.randn(2, 3, 6, 6)),
         (lambda: TinyTransformer(), lambda: torch.randint(0, 11, (2, 6))),
+        (lambda: randomize_batchnorm(DeepSets(image_size=4, hidden=5, num_classes=3)), lambda: torch.randn(2, 1, 4, 4)),
     ],
-    ids=["mlp", "cnn", "resnet", "transformer"],
+    ids=["mlp", "cnn", "resnet", "transformer", "deepsets"],
 )
 def test_permute_hidden_units_keeps_the_function(make, inputs) -> None:  # noqa: ANN001
     torch.manual_seed(1)

@@ -15,6 +15,7 @@ The modules, in the order they depend on each other:
   :mod:`~lightning_fms.weights.tracing.methods`: handler tables for fx ``call_module``, ``call_function`` and
   ``call_method`` nodes.
 * :mod:`~lightning_fms.weights.tracing.fallback`: the statistics fallback topology.
+* :mod:`~lightning_fms.weights.tracing.size_varargs`: varargs sizes with traced entries, repacked while tracing.
 * :mod:`~lightning_fms.weights.tracing.interpreter`: tracing and the interpretation loop, :func:`build_topology`.
 
 Operations the interpreter does not model raise :class:`~lightning_fms.weights.tracing.values.Unsupported`;

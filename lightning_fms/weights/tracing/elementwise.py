@@ -46,7 +46,9 @@ def merge(g: GraphEmitter, a: Activation, b: Activation, op: str) -> Activation:
     return Activation(((out, 0, a.size),), fdim, rank)
 
 
-def param_op(g: GraphEmitter, x: Activation, p: ParamRef, op: str, *, reverse: bool = False) -> Activation:
+def param_op(
+    g: GraphEmitter, x: Activation, p: ParamRef, op: str, *, reverse: bool = False, feature_axis: int | None = None
+) -> Activation:
     """Apply a parameter tensor to an activation (``x + p``, ``x * p``, ...): a new set tied to ``x``.
 
     A parameter with one value per feature becomes a node value (``bias`` or ``gamma``); any other tensor gives
@@ -58,6 +60,8 @@ def param_op(g: GraphEmitter, x: Activation, p: ParamRef, op: str, *, reverse: b
         p: The parameter.
         op: ``"add"``, ``"sub"`` or ``"mul"``.
         reverse: Whether the parameter is the left operand (``p - x``).
+        feature_axis: The parameter's axis along the features when the operation says so (not broadcasting from
+            the last dimension: a ``PReLU`` weight applies to the channels); found by broadcasting when ``None``.
 
     Returns:
         The result activation.
@@ -66,8 +70,10 @@ def param_op(g: GraphEmitter, x: Activation, p: ParamRef, op: str, *, reverse: b
     n = x.size
     if x.flat is not None:
         raise Unsupported(f"parameter {p.name} applied to a flattened feature map")
-    axis: int | None = None
-    if x.fdim is not None and t.dim() > 0:
+    axis: int | None = feature_axis
+    if axis is not None and (t.dim() <= axis or t.shape[axis] != n):
+        raise Unsupported(f"parameter {p.name} {tuple(t.shape)} does not hold one value per feature")
+    if axis is None and x.fdim is not None and t.dim() > 0:
         if x.rank is not None:
             cand = t.dim() - (x.rank - x.fdim % x.rank)
         elif x.fdim < 0:

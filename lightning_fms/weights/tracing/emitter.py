@@ -48,6 +48,8 @@ class GraphEmitter:
 
     Attributes:
         tensors: The module's parameters and buffers by qualified name.
+        constants: Names of its non-persistent buffers: not part of its state, they carry no values to read
+            (coordinate grids, masks) and are traced as constants.
         sets: Every neuron set, in creation order.
         sym: The neuron permutations found so far.
         layers: Weight layers in data-flow order.
@@ -58,6 +60,7 @@ class GraphEmitter:
         self.root = root
         self.options = options
         self.tensors = module_tensors(root)
+        self.constants = set(self.tensors) - set(root.state_dict(keep_vars=True))
         self.sets: list[NeuronSet] = []
         self.num_nodes = 0
         self.node_chunks: list[Tensor] = []

@@ -39,12 +39,23 @@ from lightning_fms.weights.tracing.shapes import (
     transpose,
     unsqueeze,
 )
-from lightning_fms.weights.tracing.values import FREE, ParamRef, Unsupported, ValueTuple, arg, value_of_unknown_call
+from lightning_fms.weights.tracing.values import (
+    FREE,
+    ParamRef,
+    RepeatedValue,
+    Unsupported,
+    ValueTuple,
+    arg,
+    value_of_unknown_call,
+)
 
 Handler = Callable[[GraphEmitter, Sequence[Any], dict[str, Any]], Any]
 """``handler(g, args, kwargs) -> value`` for abstract arguments of a call."""
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
+_MAX_POOLS_WITH_INDICES = tuple(
+    getattr(F, f"{kind}max_pool{d}d_with_indices") for kind in ("", "adaptive_") for d in (1, 2, 3)
+)
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _CONV_TRANSPOSES = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -77,6 +88,20 @@ def _unary(fn: Callable[..., Any]) -> Handler:
         return x
 
     return handle
+
+
+def _with_indices(g: GraphEmitter, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """A max pooling that also returns the indices of the maxima (which carry no neurons)."""
+    return ValueTuple((_first(args), FREE))
+
+
+def _items(values: Any) -> Any:
+    """The values a ``cat`` or ``stack`` reads: the parts of a split (passed as one value) or a list as given."""
+    if isinstance(values, ValueTuple):
+        return list(values.items)
+    if isinstance(values, RepeatedValue):
+        return [values.item]
+    return values
 
 
 def handle_reduce(g: GraphEmitter, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -204,9 +229,10 @@ def _build_table() -> dict[Callable[..., Any], Handler]:
     register([torch.unsqueeze], lambda g, args, kwargs: unsqueeze(_first(args), arg(args, kwargs, 1, "dim")))
     register(
         [torch.cat, torch.concat, torch.concatenate],
-        lambda g, args, kwargs: cat(g, args[0], arg(args, kwargs, 1, "dim", 0)),
+        lambda g, args, kwargs: cat(g, _items(args[0]), arg(args, kwargs, 1, "dim", 0)),
     )
-    register([torch.stack], lambda g, args, kwargs: stack(g, args[0], arg(args, kwargs, 1, "dim", 0)))
+    register([torch.stack], lambda g, args, kwargs: stack(g, _items(args[0]), arg(args, kwargs, 1, "dim", 0)))
+    register(_MAX_POOLS_WITH_INDICES, _with_indices)
     register([torch.split], split_handler(chunk=False))
     register([torch.chunk], split_handler(chunk=True))
     register(CREATE_FUNCTIONS, lambda g, args, kwargs: FREE)

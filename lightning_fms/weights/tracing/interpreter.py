@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lightning_fms.weights.tracing.fallback import fallback_topology
 from lightning_fms.weights.tracing.functions import call_function
 from lightning_fms.weights.tracing.methods import call_method
 from lightning_fms.weights.tracing.modules import call_layer
+from lightning_fms.weights.tracing.size_varargs import sizes_as_one_tuple
 from lightning_fms.weights.tracing.values import (
     FREE,
     Activation,
@@ -34,7 +36,19 @@ from lightning_fms.weights.tracing.values import (
 
 
 class LeafTracer(fx.Tracer):
-    """``torch.nn`` layers are leaves; user-written modules (and containers) are traced through."""
+    """``torch.nn`` layers are leaves; user-written modules (and containers) are traced through.
+
+    Buffers are traced as ``get_attr`` nodes like parameters (``proxy_buffer_attributes``): computations on a
+    buffer stay in the program instead of running on the concrete tensor, which ``torch`` rejects for some calls
+    with traced arguments (``buffer.expand(x.shape[0], -1)``).
+    """
+
+    proxy_buffer_attributes = True
+
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace ``root`` (sizes given as varargs may hold traced values: :func:`sizes_as_one_tuple`)."""
+        with sizes_as_one_tuple():
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Whether ``m`` is kept as one ``call_module`` node."""
@@ -64,7 +78,7 @@ def run_graph(g: GraphEmitter, graph: fx.Graph) -> None:
             env[node] = FREE if concrete else LazyInput(str(node.target))
         elif node.op == "get_attr":
             target = str(node.target)
-            env[node] = ParamRef(target) if target in g.tensors else FREE
+            env[node] = ParamRef(target) if target in g.tensors and target not in g.constants else FREE
         elif node.op == "call_module":
             env[node] = call_layer(g, g.root.get_submodule(str(node.target)), str(node.target), args, kwargs)
         elif node.op == "call_function":

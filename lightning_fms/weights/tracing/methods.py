@@ -21,6 +21,7 @@ from lightning_fms.weights.tracing.functions import (
 from lightning_fms.weights.tracing.ops import (
     BINARY_METHODS,
     BROADCAST_METHODS,
+    CREATE_METHODS,
     LAYOUT_METHODS,
     POW_METHODS,
     REDUCE_METHODS,
@@ -75,6 +76,7 @@ def _build_table() -> dict[str, Handler]:
         register([name], binary_handler(op))
     register(POW_METHODS, lambda g, args, kwargs: power(args[0], args[1]))
     register(LAYOUT_METHODS, lambda g, args, kwargs: FREE)
+    register(CREATE_METHODS, lambda g, args, kwargs: FREE)
     register(UNARY_METHODS, lambda g, args, kwargs: args[0])
     register(REDUCE_METHODS, handle_reduce)
     register(["flatten"], handle_flatten)

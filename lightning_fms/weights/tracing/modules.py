@@ -15,7 +15,7 @@ from lightning_fms.weights.tracing.elementwise import merge, param_op
 from lightning_fms.weights.tracing.emitter import GraphEmitter
 from lightning_fms.weights.tracing.layers import attention, conv, embedding, linear, norm
 from lightning_fms.weights.tracing.ops import ACTIVATION_MODULES
-from lightning_fms.weights.tracing.shapes import flatten
+from lightning_fms.weights.tracing.shapes import flatten, require_channel
 from lightning_fms.weights.tracing.values import FREE, Activation, ParamRef, Unsupported, ValueTuple, arg
 
 ModuleHandler = Callable[[GraphEmitter, Any, str, list[Any], dict[str, Any]], Any]
@@ -166,7 +166,11 @@ def _encoder(g: GraphEmitter, mod: nn.TransformerEncoder, name: str, args: list[
 def _prelu(g: GraphEmitter, mod: nn.PReLU, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
     x = _input(args, kwargs)
     xa = x if isinstance(x, Activation) else g.act(x, mod.num_parameters, 1, None)
-    return param_op(g, xa, ParamRef(f"{_prefix(name)}weight"), "mul")
+    weight = ParamRef(f"{_prefix(name)}weight")
+    if mod.num_parameters == 1:
+        return param_op(g, xa, weight, "mul")
+    require_channel(xa, "PReLU")  # one weight per channel, dimension 1 whatever the rank
+    return param_op(g, xa, weight, "mul", feature_axis=0)
 
 
 def _flatten(g: GraphEmitter, mod: nn.Flatten, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:

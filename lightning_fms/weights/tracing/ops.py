@@ -178,6 +178,8 @@ REDUCE_FUNCTIONS: frozenset[Any] = frozenset(
 REDUCE_METHODS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"})
 #: Methods that read a tensor's layout, not its values.
 LAYOUT_METHODS = frozenset({"size", "dim", "numel", "nelement", "stride", "data_ptr", "is_contiguous"})
+#: Methods that create tensors from the receiver's dtype and device only (no neurons).
+CREATE_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
 #: Methods that broadcast or tile: the features stay where they are.
 BROADCAST_METHODS = frozenset({"expand", "expand_as", "repeat", "broadcast_to"})
 #: Functions that create tensors (no neurons).

@@ -17,6 +17,8 @@ from lightning_fms.weights import (
     NodeType,
     ParameterGraph,
 )
+from lightning_fms.weights.permutation import plan_for
+from lightning_fms.zoo.deepsets import DeepSets
 
 K = 9  # default 3x3 kernel grid
 CENTRE = 4
@@ -119,3 +121,25 @@ def test_lightning_module_and_forward_defaults() -> None:
     a, b = ParameterGraph.from_module(Classifier()), ParameterGraph.from_module(Classifier(lr=0.1))
     assert not a.fallback and a.topology is b.topology  # hyperparameters do not change the architecture
     assert (a.num_nodes, a.num_edges) == (8 + 16 + 3, 8 * 16 + 16 * 3)
+
+
+def test_zoo_deepsets_pools_its_elements_and_permutes_its_hidden_units() -> None:
+    TOPOLOGY_CACHE.clear()
+    m = DeepSets(image_size=4, num_classes=3, hidden=5, phi_depth=2, rho_depth=1, in_channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        g = ParameterGraph.from_module(m)
+    assert not g.fallback
+    t = node_types(g)
+    # inputs: the pixel value and its (row, col) coordinates; phi 5 + 5; BatchNorm 5; rho 5; head 3
+    assert t == [NodeType.INPUT] * 3 + [NodeType.LINEAR] * 10 + [NodeType.BATCHNORM] * 5 + [NodeType.LINEAR] * 8
+    # pooling over the set keeps the features: phi's last layer feeds the BatchNorm one-to-one
+    assert g.num_edges == 3 * 5 + 5 * 5 + 5 + 5 * 5 + 5 * 3
+    norm_edges = torch.tensor(edge_types(g)) == EdgeType.NORM
+    src, dst = g.edge_index[:, norm_edges]
+    assert src.tolist() == list(range(8, 13)) and dst.tolist() == list(range(13, 18))
+    # hidden units permute: phi's first layer, phi's second tied to the BatchNorm, rho; inputs and logits stay
+    plan = plan_for(m)
+    assert plan is not None
+    assert sorted(plan.sym.set_sizes[r] for r in plan.free) == [5, 5, 5]
+    assert len(plan.free) == 3 and plan.root[2] == plan.root[3]
