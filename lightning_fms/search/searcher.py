@@ -22,7 +22,14 @@ from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candid
 from lightning_fms.search.seeds import seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.search.trial import Trial
-from lightning_fms.surrogate import SURROGATES, Surrogate, budget_incumbents, build_surrogate, expected_improvement
+from lightning_fms.surrogate import (
+    SURROGATES,
+    Surrogate,
+    SurrogateRows,
+    budget_incumbents,
+    build_surrogate,
+    expected_improvement,
+)
 from lightning_fms.threads import torch_threads
 
 #: Names accepted by :func:`build_searcher` (the one list the recipe, the flags and the benchmark read): a
@@ -96,15 +103,23 @@ class SurrogateSearcher(Searcher):
         cpu_threads: torch intra-op threads while the surrogate works on the CPU. The GP and its
             feature extractor are small: on this project's 2-core machine one thread was 10-20x faster
             than two whenever another process competed for the cores. ``None`` leaves torch's setting.
+        hide_hub: Zero the hub choice's one-hot columns of every row's ``x`` (training and candidate rows), so
+            the surrogate does not see which hub entry a configuration starts from (the paper's setting).
     """
 
     def __init__(
-        self, surrogate: Surrogate, uses_weights: bool = False, min_rows: int = 2, cpu_threads: int | None = 1
+        self,
+        surrogate: Surrogate,
+        uses_weights: bool = False,
+        min_rows: int = 2,
+        cpu_threads: int | None = 1,
+        hide_hub: bool = False,
     ) -> None:
         self.surrogate = surrogate
         self.uses_weights = uses_weights
         self.min_rows = min_rows
         self.cpu_threads = cpu_threads
+        self.hide_hub = hide_hub
 
     def select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int) -> Selection:
         """Fit on all observations, then maximise expected improvement over ``candidates``."""
@@ -115,10 +130,14 @@ class SurrogateSearcher(Searcher):
         two_d = context.frozen_layers
         start = time.perf_counter()
         with torch_threads(self.cpu_threads):
-            rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=two_d)
+            rows = self._hidden(
+                context.space, encode_rows(context.space, specs, context.cap, modules, fraction_feature=two_d)
+            )
             self.surrogate.fit(rows, torch.tensor(targets, dtype=torch.float32), seed)
             cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
-            cand_rows = encode_rows(context.space, cand_specs, context.cap, modules, fraction_feature=two_d)
+            cand_rows = self._hidden(
+                context.space, encode_rows(context.space, cand_specs, context.cap, modules, fraction_feature=two_d)
+            )
             mean, variance = self.surrogate.posterior(cand_rows)
         incumbents = budget_incumbents(
             torch.tensor([_fidelity_id(s.epoch, s.fraction, two_d) for s in specs], dtype=torch.long),
@@ -152,7 +171,18 @@ class SurrogateSearcher(Searcher):
         modules = context.modules if self.uses_weights else None
         with torch_threads(self.cpu_threads):
             rows = encode_rows(context.space, specs, context.cap, modules, fraction_feature=context.frozen_layers)
-            return self.surrogate.posterior(rows)
+            return self.surrogate.posterior(self._hidden(context.space, rows))
+
+    def _hidden(self, space: SearchSpace, rows: SurrogateRows) -> SurrogateRows:
+        """``rows`` with the hub choice's columns of ``x`` zeroed when :attr:`hide_hub` is set."""
+        if self.hide_hub and space.hub_key is not None:
+            start = 0
+            for name in space:
+                if name == space.hub_key:
+                    break
+                start += space[name].dim
+            rows.x[:, start : start + space[space.hub_key].dim] = 0
+        return rows
 
     def state_dict(self) -> dict[str, Any]:
         """The surrogate's state."""
@@ -195,6 +225,7 @@ def build_searcher(
     surrogate_options: dict[str, Any] | None = None,
     featurizer_options: dict[str, Any] | None = None,
     frozen_layers: bool = False,
+    hide_hub: bool = False,
 ) -> Searcher:
     """Build a searcher by name.
 
@@ -210,6 +241,7 @@ def build_searcher(
         surrogate_options: Extra keyword arguments for the surrogate.
         featurizer_options: Extra keyword arguments for the featurizer.
         frozen_layers: Give the surrogate one more input column, the trainable fraction of layer units.
+        hide_hub: A surrogate searcher does not see the hub choice (see :class:`SurrogateSearcher`).
 
     Raises:
         FMSError: an unknown name or option.
@@ -236,7 +268,7 @@ def build_searcher(
         device=device,
         **(surrogate_options or {}),
     )
-    return SurrogateSearcher(surrogate, uses_weights=featurizer is not None)
+    return SurrogateSearcher(surrogate, uses_weights=featurizer is not None, hide_hub=hide_hub)
 
 
 def seeded_searcher(
@@ -252,6 +284,7 @@ def seeded_searcher(
     surrogate_options: dict[str, Any] | None = None,
     featurizer_options: dict[str, Any] | None = None,
     frozen_layers: bool = False,
+    hide_hub: bool = False,
 ) -> Searcher:
     """:func:`build_searcher` whose initial parameters depend on ``seed`` only, its featurizer warmed up.
 
@@ -272,6 +305,7 @@ def seeded_searcher(
         surrogate_options: As for :func:`build_searcher`.
         featurizer_options: As for :func:`build_searcher`.
         frozen_layers: As for :func:`build_searcher`.
+        hide_hub: As for :func:`build_searcher`.
 
     Raises:
         FMSError: as :func:`build_searcher` and :func:`warm_featurizer`.
@@ -288,6 +322,7 @@ def seeded_searcher(
             surrogate_options=surrogate_options,
             featurizer_options=featurizer_options,
             frozen_layers=frozen_layers,
+            hide_hub=hide_hub,
         )
         if search.uses_weights and modules is not None:
             warm_featurizer(search, space, modules, weights)
