@@ -68,7 +68,10 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
     bench.add_argument("--cache_dir", default=None, help="where task pools are cached")
     bench.add_argument(
-        "--quick", action="store_true", help="first task only, 3 seeds, budget 50, Kendall tau at 25 and 50 epochs"
+        "--quick",
+        action="store_true",
+        help="first task only, methods fms, gp, random and hyperband (unless --methods), 3 seeds, budget 50, "
+        "Kendall tau at 25 and 50 epochs",
     )
 
 
@@ -156,10 +159,10 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import shlex
     from pathlib import Path
 
-    from lightning_fms.bench.methods import METHODS, check_methods
+    from lightning_fms.bench.methods import METHODS, QUICK_METHODS, check_methods
     from lightning_fms.bench.runner import PoolSource, run_bench
 
-    methods = check_methods(args.methods) if args.methods else list(METHODS)
+    methods = check_methods(args.methods) if args.methods else list(QUICK_METHODS if args.quick else METHODS)
     if args.tasks:
         tasks = list(args.tasks)
         missing = [t for t in tasks if not Path(t).is_file()]

@@ -8,12 +8,21 @@ measured decision seconds (surrogate fits, Optuna's sampler, ...).
 
 Methods (:data:`METHODS`):
 
+* ``fms``: the library default as a study gets it: the searcher, featurizer and curve encoder
+  :class:`~lightning_fms.options.StudyOptions` declares as defaults (read at run time), with the surrogate's own
+  default options; ``fms-hidden``: the same in the hidden hub regime.
 * ``fms-gmn``, ``fms-nfn``, ``fms-flat``, ``fms-stats``: the freeze-thaw optimizer with the deep-kernel GP
   reading learning curves and the checkpointed weights through that featurizer; ``fms-*-nocnn`` drop the
   learning-curve CNN branch.
 * ``dyhpo``: the same without weights; ``gp``: a plain GP on hyperparameters and budget; ``random``: random
   pool configurations, each trained to the cap, one after another.
 * ``hyperband``, ``asha``, ``optuna``: see :mod:`lightning_fms.bench.peers`.
+
+Hub regimes: by default every surrogate sees the hub choice's one-hot columns; the ``-hidden`` methods
+(``fms-hidden``, ``dyhpo-hidden``, ``gp-hidden``) zero them, so the surrogate does not see which hub entry a
+configuration starts from (the paper's setting; a weight featurizer still reads the weights). Random search,
+Hyperband and ASHA do not model the hub, so they are the same in both regimes; Optuna's TPE samples the hub
+choice and sees it in both.
 
 Seeding: the optimizer-based methods share, for a given ``seed``, the order in which pool configurations are
 offered and the optimizer's random stream (common random numbers: ``dyhpo`` and ``fms-gmn`` with seed 3 start
@@ -100,6 +109,11 @@ class MethodRun:
         """Epochs the method spent."""
         return len(self.rows)
 
+    @property
+    def trials_started(self) -> int:
+        """Distinct pool configurations the method began (the freeze-thaw policy's breadth)."""
+        return len({int(row["config"]) for row in self.rows})
+
     def column(self, name: str) -> np.ndarray:
         """``[T]`` values of one row column (float64)."""
         return np.array([row[name] for row in self.rows], dtype=np.float64)
@@ -136,42 +150,76 @@ class MethodRun:
         )
 
 
-#: The benchmark's deep-kernel fit schedule: 2 fits of 500 Adam steps from scratch, then 30 warm-started steps per
-#: decision (the library default, 10 x 1000 then 50, takes ~3.5x longer: 60-95 s per run at budget 100 on this
-#: project's 2-core machine, too slow for 4 tasks x 10 methods with surrogates x 10 seeds in 2 hours).
-BENCH_SURROGATE_OPTIONS: dict[str, Any] = {"full_fit_steps": 500, "full_fits": 2, "refine_steps": 30}
-#: The plain GP's Adam steps per fit (library default 100; it refits from scratch at every decision).
-BENCH_GP_OPTIONS: dict[str, Any] = {"steps": 50}
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """Options of the surrogate methods (the peers ignore them); part of every cached run's settings.
 
+    The defaults are the library's: empty option dicts (each surrogate's and featurizer's own defaults) and the
+    study's declared candidate and start-up counts, read when the options are made.
+
     Attributes:
-        surrogate_options: Keyword arguments of the deep-kernel surrogate of ``fms-*`` and ``dyhpo``
-            (default :data:`BENCH_SURROGATE_OPTIONS`; ``{}``: the library's defaults).
-        gp_options: Keyword arguments of the plain GP of ``gp`` (default :data:`BENCH_GP_OPTIONS`).
+        surrogate_options: Keyword arguments of the deep-kernel surrogate (searcher ``dyhpo``: ``dyhpo``,
+            ``fms-*``, and ``fms`` when it resolves to ``dyhpo``).
+        gp_options: Keyword arguments of the plain GP (searcher ``gp``).
+        fms_options: Keyword arguments of the FMS surrogate (searcher ``fms``).
         featurizer_options: Keyword arguments of the featurizer.
         num_fresh_candidates: Fresh pool configurations scored per decision.
         num_startup_trials: Random configurations started before the searcher is consulted.
     """
 
-    surrogate_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_SURROGATE_OPTIONS))
-    gp_options: dict[str, Any] = field(default_factory=lambda: dict(BENCH_GP_OPTIONS))
+    surrogate_options: dict[str, Any] = field(default_factory=dict)
+    gp_options: dict[str, Any] = field(default_factory=dict)
+    fms_options: dict[str, Any] = field(default_factory=dict)
     featurizer_options: dict[str, Any] = field(default_factory=dict)
-    num_fresh_candidates: int = declared_default("num_fresh_candidates")
-    num_startup_trials: int = declared_default("num_startup_trials")
+    num_fresh_candidates: int = field(default_factory=lambda: declared_default("num_fresh_candidates"))
+    num_startup_trials: int = field(default_factory=lambda: declared_default("num_startup_trials"))
+
+    def options_for(self, searcher: str) -> dict[str, Any]:
+        """The surrogate keyword arguments of a searcher (``{}`` for one without a surrogate)."""
+        by_searcher = {"dyhpo": self.surrogate_options, "gp": self.gp_options, "fms": self.fms_options}
+        return dict(by_searcher.get(searcher) or {})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what a cached run must match)."""
         return {
             "surrogate_options": dict(self.surrogate_options or {}),
             "gp_options": dict(self.gp_options or {}),
+            "fms_options": dict(self.fms_options or {}),
             "featurizer_options": dict(self.featurizer_options or {}),
             "num_fresh_candidates": self.num_fresh_candidates,
             "num_startup_trials": self.num_startup_trials,
         }
+
+
+@dataclass(frozen=True)
+class FreezeThawChoice:
+    """What a freeze-thaw method runs: the searcher, its featurizer and curve encoder, and the hub regime.
+
+    Attributes:
+        searcher: A name of :data:`~lightning_fms.search.searcher.SEARCHERS`.
+        weights: ``"none"`` or a featurizer name.
+        curve: A curve encoder name.
+        hide_hub: The hidden regime: the surrogate does not see which hub entry a configuration starts from.
+    """
+
+    searcher: str
+    weights: str = "none"
+    curve: str = "cnn"
+    hide_hub: bool = False
+
+    @classmethod
+    def library_default(cls, hide_hub: bool = False) -> FreezeThawChoice:
+        """The searcher, featurizer and curve encoder a study gets by default (read now, not at import)."""
+        return cls(
+            str(declared_default("searcher")),
+            str(declared_default("weights")),
+            str(declared_default("curve")),
+            hide_hub,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (part of a cached run's settings)."""
+        return {"searcher": self.searcher, "weights": self.weights, "curve": self.curve, "hide_hub": self.hide_hub}
 
 
 #: ``(pool, ledger, seed, options, forecast_check) -> None``; ``forecast_check`` is called after every epoch.
@@ -184,15 +232,25 @@ class MethodSpec:
 
     Attributes:
         name: Registry name.
-        description: One line for reports.
+        description: One line for reports, or a function that writes it (for a method resolved at run time).
         forecasts: Whether the method has a surrogate whose forecasts get a Kendall tau.
         run: Spends the ledger's budget.
+        choice: For a freeze-thaw method, what it runs (a function, called at run time); ``None`` for the peers.
     """
 
     name: str
-    description: str
+    description: str | Callable[[], str]
     forecasts: bool
     run: MethodFn
+    choice: Callable[[], FreezeThawChoice] | None = None
+
+    def describe(self) -> str:
+        """The one-line description."""
+        return self.description() if callable(self.description) else self.description
+
+    def settings(self) -> dict[str, Any]:
+        """What the method resolves to now (``{}`` for the peers); part of a cached run's settings."""
+        return self.choice().to_dict() if self.choice is not None else {}
 
 
 class PoolModules:
@@ -222,9 +280,9 @@ class PoolModules:
         return module
 
 
-def _freeze_thaw(searcher: str, weights: str = "none", curve: str = "cnn") -> MethodFn:
+def _freeze_thaw(choose: Callable[[], FreezeThawChoice]) -> MethodFn:
     def run(pool: Pool, ledger: Ledger, seed: int, options: RunOptions, check: Callable[[Any], None]) -> None:
-        _run_optimizer(pool, ledger, seed, options, check, searcher=searcher, weights=weights, curve=curve)
+        _run_optimizer(pool, ledger, seed, options, check, choose())
 
     return run
 
@@ -235,28 +293,27 @@ def _run_optimizer(
     seed: int,
     options: RunOptions,
     check: Callable[[Any], None],
-    *,
-    searcher: str,
-    weights: str,
-    curve: str,
+    choice: FreezeThawChoice,
 ) -> None:
     """Run :class:`FreezeThawOptimizer` on the pool: ask, look the epoch up, tell."""
     space = pool.space
-    modules = PoolModules(pool) if weights != "none" else None
-    method_key = (searcher, weights, curve)
+    modules = PoolModules(pool) if choice.weights != "none" else None
+    # the hub regime is left out: a -hidden variant starts from the same surrogate initialisation (paired)
+    method_key = (choice.searcher, choice.weights, choice.curve)
     with ledger.deciding():
         # the surrogate's and featurizer's initial parameters depend on (seed, method) only
         search = seeded_searcher(
-            searcher,
+            choice.searcher,
             space,
             pool.epochs,
             seed=derive_seed("bench", "searcher", method_key, seed),
             modules=modules,
-            weights=weights,
-            curve=curve,
+            weights=choice.weights,
+            curve=choice.curve,
             device="cpu",
-            surrogate_options=options.gp_options if searcher == "gp" else options.surrogate_options,
+            surrogate_options=options.options_for(choice.searcher),
             featurizer_options=options.featurizer_options,
+            hide_hub=choice.hide_hub,
         )
     # a per-seed order of the pool: the optimizer offers the first of a random subset of not-yet-started
     # configurations, so the list order must not carry structure (pools may be built grouped by hub entry)
@@ -287,32 +344,74 @@ def _run_optimizer(
         check(opt)
 
 
+#: The hub-regime note of the methods without a surrogate that could see the hub choice.
+_NO_HUB_MODEL = "does not model the hub choice, so it is the same in both hub regimes"
+
+
+def _fixed(choice: FreezeThawChoice) -> Callable[[], FreezeThawChoice]:
+    return lambda: choice
+
+
+def _library_default_description(hide_hub: bool) -> Callable[[], str]:
+    def describe() -> str:
+        choice = FreezeThawChoice.library_default(hide_hub)
+        regime = "hub entry hidden from the surrogate" if hide_hub else "hub entry visible"
+        return (
+            f"the library default, as a study gets it: searcher {choice.searcher}, weights {choice.weights}, "
+            f"curve {choice.curve}, the surrogate's own default options; {regime}"
+        )
+
+    return describe
+
+
 def _spec_table() -> dict[str, MethodSpec]:
     table: dict[str, MethodSpec] = {}
-    for featurizer in FEATURIZERS:
-        table[f"fms-{featurizer}"] = MethodSpec(
-            f"fms-{featurizer}",
-            f"FMS: deep-kernel GP on hyperparameters, learning curve and {featurizer} weight embedding",
+    for hidden in (False, True):
+        name = "fms-hidden" if hidden else "fms"
+        table[name] = MethodSpec(
+            name,
+            _library_default_description(hidden),
             True,
-            _freeze_thaw("dyhpo", featurizer, "cnn"),
+            _freeze_thaw(lambda hidden=hidden: FreezeThawChoice.library_default(hidden)),
+            lambda hidden=hidden: FreezeThawChoice.library_default(hidden),
         )
-    for featurizer in FEATURIZERS:
-        table[f"fms-{featurizer}-nocnn"] = MethodSpec(
-            f"fms-{featurizer}-nocnn",
-            f"FMS without the learning-curve CNN ({featurizer} weight embedding)",
-            True,
-            _freeze_thaw("dyhpo", featurizer, "none"),
-        )
-    table["dyhpo"] = MethodSpec(
-        "dyhpo", "DyHPO: deep-kernel GP on hyperparameters and learning curve", True, _freeze_thaw("dyhpo")
-    )
-    table["gp"] = MethodSpec("gp", "plain GP on hyperparameters and budget, freeze-thaw", True, _freeze_thaw("gp"))
+    variants = [
+        (f"fms-{f}", f"FMS: deep-kernel GP on hyperparameters, learning curve and {f} weight embedding", f, "cnn")
+        for f in FEATURIZERS
+    ] + [
+        (f"fms-{f}-nocnn", f"FMS without the learning-curve CNN ({f} weight embedding)", f, "none") for f in FEATURIZERS
+    ]
+    for name, text, featurizer, curve in variants:
+        choice = FreezeThawChoice("dyhpo", featurizer, curve)
+        table[name] = MethodSpec(name, text, True, _freeze_thaw(_fixed(choice)), _fixed(choice))
+    for searcher, text in (
+        ("dyhpo", "DyHPO: deep-kernel GP on hyperparameters and learning curve"),
+        ("gp", "plain GP on hyperparameters and budget, freeze-thaw"),
+    ):
+        for hidden in (False, True):
+            name = f"{searcher}-hidden" if hidden else searcher
+            choice = FreezeThawChoice(searcher, hide_hub=hidden)
+            regime = "hub entry hidden from the surrogate (the paper's setting)" if hidden else "hub entry visible"
+            table[name] = MethodSpec(name, f"{text}; {regime}", True, _freeze_thaw(_fixed(choice)), _fixed(choice))
+    random_choice = FreezeThawChoice("random")
     table["random"] = MethodSpec(
-        "random", "random search, each configuration trained to the cap", False, _freeze_thaw("random")
+        "random",
+        f"random search, each configuration trained to the cap; {_NO_HUB_MODEL}",
+        False,
+        _freeze_thaw(_fixed(random_choice)),
+        _fixed(random_choice),
     )
-    table["hyperband"] = MethodSpec("hyperband", peers.HYPERBAND_DESCRIPTION, False, _peer(peers.run_hyperband))
-    table["asha"] = MethodSpec("asha", peers.ASHA_DESCRIPTION, False, _peer(peers.run_asha))
-    table["optuna"] = MethodSpec("optuna", peers.OPTUNA_DESCRIPTION, False, _peer(peers.run_optuna))
+    table["hyperband"] = MethodSpec(
+        "hyperband", f"{peers.HYPERBAND_DESCRIPTION}; {_NO_HUB_MODEL}", False, _peer(peers.run_hyperband)
+    )
+    table["asha"] = MethodSpec("asha", f"{peers.ASHA_DESCRIPTION}; {_NO_HUB_MODEL}", False, _peer(peers.run_asha))
+    table["optuna"] = MethodSpec(
+        "optuna",
+        f"{peers.OPTUNA_DESCRIPTION}; TPE samples the hub choice as a categorical, so it sees the hub entry "
+        "(left visible in both regimes)",
+        False,
+        _peer(peers.run_optuna),
+    )
     return table
 
 
@@ -325,6 +424,13 @@ def _peer(fn: Callable[[Pool, Ledger, int], None]) -> MethodFn:
 
 #: Every method by name, in report order.
 METHODS: dict[str, MethodSpec] = _spec_table()
+#: The method the paired comparisons judge: the library default.
+REFERENCE_METHOD = "fms"
+#: The non-FMS methods: neither the library default nor a weight-reading FMS variant (the paired comparisons'
+#: baselines).
+BASELINES: tuple[str, ...] = ("gp", "gp-hidden", "dyhpo", "dyhpo-hidden", "random", "hyperband", "asha", "optuna")
+#: What ``lightning-fms bench --quick`` runs: the library default against the cheap baselines.
+QUICK_METHODS: tuple[str, ...] = ("fms", "gp", "random", "hyperband")
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
@@ -407,6 +513,6 @@ def run_method(
         kendall=kendall,
         run_s=time.perf_counter() - start,
         exhausted=not ledger.done,
-        settings={"kendall_at": checks, **(options.to_dict() if spec.forecasts else {})},
+        settings={"kendall_at": checks, **spec.settings(), **(options.to_dict() if spec.forecasts else {})},
         notes=notes,
     )

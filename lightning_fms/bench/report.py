@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from lightning_fms.atomic import atomic_write_bytes, atomic_write_text
-from lightning_fms.bench.methods import METHODS
+from lightning_fms.bench.comparison import compare_kendall, compare_on_task, goal
+from lightning_fms.bench.methods import BASELINES, METHODS, REFERENCE_METHOD
 from lightning_fms.bench.metrics import epochs_grid, mean_ci, step_resample, wall_grid
 from lightning_fms.extras import import_optional
 
@@ -81,7 +82,23 @@ def _runs(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[in
             out[key][seed] = {
                 c: np.array([float(r[c]) for r in rows]) for c in ("epochs_spent", "regret", "test_regret", "wall_s")
             }
+            out[key][seed]["trials_started"] = np.array([float(r.get("trials_started", math.nan)) for r in rows])
     return out
+
+
+def _finals(seeds: Mapping[int, Mapping[str, np.ndarray]], budget: int) -> dict[int, float]:
+    """``seed -> regret @budget`` (a run that ended early keeps its last regret)."""
+    return dict(zip(seeds, _on_epochs(seeds, "regret", budget)[:, -1].tolist(), strict=True))
+
+
+def _trials_per_100(seeds: Mapping[int, Mapping[str, np.ndarray]]) -> np.ndarray:
+    """``[S]`` trials started per 100 epochs spent, over each whole run."""
+    return np.array(
+        [
+            100.0 * s["trials_started"][-1] / s["epochs_spent"][-1] if s["epochs_spent"].size else math.nan
+            for s in seeds.values()
+        ]
+    )
 
 
 def _on_epochs(seeds: Mapping[int, Mapping[str, np.ndarray]], column: str, budget: int) -> np.ndarray:
@@ -116,19 +133,28 @@ def _ranks(means: Mapping[str, tuple[float, float]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-#: One colour slot per method family (an FMS variant and its ``-nocnn`` ablation are one family), in report order.
-_FAMILIES = tuple(dict.fromkeys(name.removesuffix("-nocnn") for name in METHODS))
+def _family(method: str) -> str:
+    return method.removesuffix("-nocnn").removesuffix("-hidden")
+
+
+#: One colour slot per method family (a method, its ``-nocnn`` ablation and its ``-hidden`` regime), in report order.
+_FAMILIES = tuple(dict.fromkeys(_family(name) for name in METHODS))
 
 
 def _style(method: str, index: int) -> dict[str, Any]:
-    """One tab10 colour per family (an FMS variant and its no-CNN ablation share it); dashed: no CNN; dotted: peers."""
+    """One tab10 colour per family; dashed: no CNN; dash-dot: hub hidden; dotted: peers."""
     import matplotlib
 
-    family = method.removesuffix("-nocnn")
+    family = _family(method)
     slot = _FAMILIES.index(family) if family in _FAMILIES else index
     colour = matplotlib.colormaps["tab10"](slot % 10)
     peer = family in ("random", "hyperband", "asha", "optuna", "gp")
-    linestyle = "--" if method.endswith("-nocnn") else (":" if peer else "-")
+    if method.endswith("-nocnn"):
+        linestyle = "--"
+    elif method.endswith("-hidden"):
+        linestyle = "-."
+    else:
+        linestyle = ":" if peer else "-"
     return {"color": colour, "linestyle": linestyle, "linewidth": 1.6}
 
 
@@ -273,7 +299,7 @@ def _task_table(
     header = (
         ["rank", "method"]
         + [f"regret @{e}" for e in points]
-        + [f"test regret @{budget}", f"wall s @{budget}"]
+        + [f"test regret @{budget}", f"wall s @{budget}", "trials /100 epochs"]
         + [f"Kendall tau @{k}" for k in meta.kendall_at]
     )
     rows: dict[str, list[str]] = {}
@@ -288,6 +314,7 @@ def _task_table(
         cells = [_fmt(*_stat(regret[:, e - 1])) for e in points]
         cells.append(_fmt(*_stat(test_regret[:, -1])))
         cells.append(_fmt(*_stat(wall), digits=1))
+        cells.append(_fmt(*_stat(_trials_per_100(seeds)), digits=1))
         for check in meta.kendall_at:
             taus = [
                 float(r["kendall_tau"])
@@ -305,6 +332,75 @@ def _task_table(
     for method in sorted(rows, key=lambda m: (ranks[m], methods.index(m))):
         lines.append("| " + " | ".join([str(ranks[method]), method, *rows[method]]) + " |")
     return lines
+
+
+def _p(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "–"
+
+
+def _kendall_by_seed(kendall: Sequence[Mapping[str, Any]], task: str, method: str, check: int) -> dict[int, float]:
+    return {
+        int(r["seed"]): float(r["kendall_tau"])
+        for r in kendall
+        if r["task"] == task and r["method"] == method and int(r["epochs_spent"]) == check
+    }
+
+
+def _comparison_section(
+    data: Mapping[tuple[str, str], Mapping[int, Mapping[str, np.ndarray]]],
+    kendall: Sequence[Mapping[str, Any]],
+    meta: ReportMeta,
+) -> list[str]:
+    """The library default against the best non-FMS method per task (paired by seed), and the goal line."""
+    ref, budget = REFERENCE_METHOD, meta.budget
+    tasks = [t["name"] for t in meta.tasks]
+    finals = {t: {m: _finals(data[(t, m)], budget) for m in meta.methods if (t, m) in data} for t in tasks}
+    comparisons = [c for t in tasks if (c := compare_on_task(t, finals[t], ref, BASELINES)) is not None]
+    if not comparisons:
+        return []
+    with_gp = "gp" in meta.methods and METHODS[ref].forecasts
+    header = ["task", "best non-FMS", f"{ref} regret @{budget}", "its regret", "ratio", "Wilcoxon p", "no worse"]
+    header += [f"Kendall tau @{k}: {ref} vs gp (p)" for k in meta.kendall_at] if with_gp else []
+    lines = [
+        "",
+        f"## `{ref}` against the non-FMS methods",
+        "",
+        f"Non-FMS: {', '.join(BASELINES)}. Per task, `{ref}` against the non-FMS method with the lowest mean "
+        f"regret @{budget} on that task, paired by seed: the means, their ratio, the two-sided Wilcoxon "
+        "signed-rank p-value (1 when every difference is zero) and whether "
+        f"`{ref}`'s mean is no worse (not above); then Kendall tau of `{ref}` and `gp`, paired by seed.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for c in comparisons:
+        cells = [c.task, c.baseline, f"{c.reference_mean:.4f}", f"{c.baseline_mean:.4f}", f"{c.ratio:.2f}"]
+        cells += [f"{_p(c.p_value)} ({c.pairs} seeds)", "yes" if c.no_worse else "no"]
+        for check in meta.kendall_at if with_gp else []:
+            k = compare_kendall(
+                _kendall_by_seed(kendall, c.task, ref, check), _kendall_by_seed(kendall, c.task, "gp", check), check
+            )
+            cells.append(f"{_fmt(k.first_mean, math.nan, math.nan, 3)} vs {_fmt(k.second_mean, math.nan, math.nan, 3)}")
+            cells[-1] += f" ({_p(k.p_value)})"
+        lines.append("| " + " | ".join(cells) + " |")
+    target = goal(finals, ref, BASELINES)
+    if target is not None:
+        worse = [t for t, ok in target.no_worse.items() if not ok]
+        lines += [
+            "",
+            f"Goal: `{ref}`'s mean regret @{budget} over tasks at most {target.factor:g} x that of the best "
+            f"non-FMS method over tasks, `{target.baseline}`: {target.reference_mean:.4f} vs {target.factor:g} x "
+            f"{target.baseline_mean:.4f} = {target.factor * target.baseline_mean:.4f}: "
+            f"**{'met' if target.met else 'not met'}**; no worse than `{target.baseline}` on "
+            f"{len(target.no_worse) - len(worse)} of {len(target.no_worse)} tasks"
+            + (f" (worse on {', '.join(worse)})." if worse else "."),
+        ]
+    return lines
+
+
+def _methods_section(methods: Sequence[str]) -> list[str]:
+    lines = ["", "## Methods", "", "| method | what |", "|---|---|"]
+    return lines + [f"| {m} | {METHODS[m].describe()} |" for m in methods if m in METHODS]
 
 
 def _notes(notes: Mapping[str, Sequence[str]]) -> list[str]:
@@ -369,9 +465,12 @@ def write_report(
         "validation-selected incumbent. Wall seconds = the pool's tabulated training seconds of the epochs spent "
         "+ the method's decision seconds measured on this machine. Kendall tau correlates each surrogate's "
         "forecast of every pool configuration's final validation value with the true one (same configurations "
-        "on both sides). Cells: mean ± half-width of the 95% Student-t interval over seeds. Rank: by mean regret "
+        "on both sides). Trials /100 epochs: distinct configurations begun per 100 epochs spent (the freeze-thaw "
+        "policy's breadth). Cells: mean ± half-width of the 95% Student-t interval over seeds. Rank: by mean regret "
         f"@{meta.budget}, ties broken by the mean regret over the whole run; equal means share a rank.",
     ]
+    lines += _methods_section(meta.methods)
+    lines += _comparison_section(data, kendall, meta)
     if meta.exhausted:
         lines += ["", f"Runs that ran out of trainable epochs before the budget: {', '.join(meta.exhausted)}."]
     for task in meta.tasks:

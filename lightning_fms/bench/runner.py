@@ -7,8 +7,9 @@ Layout of ``out_dir``::
     kendall.csv                             one row per forecast check of a surrogate method
     summary.md, *.png                       the report (lightning_fms.bench.report)
 
-A run whose JSON exists with the same settings (budget, forecast checks, surrogate options, the pool's
-fingerprint and the record format) is not run again, so an interrupted benchmark resumes where it stopped;
+A run whose JSON exists with the same settings (budget, forecast checks, surrogate options, what a freeze-thaw
+method resolves to (searcher, featurizer, curve encoder, hub regime: a changed library default reruns ``fms``),
+the pool's fingerprint and the record format) is not run again, so an interrupted benchmark resumes where it stopped;
 a run with other settings is run again and overwritten.
 
 With ``jobs > 1`` runs go to that many spawned processes with one torch thread each. In-memory pools must
@@ -63,6 +64,7 @@ RESULT_COLUMNS = (
     "train_s",
     "decision_s",
     "wall_s",
+    "trials_started",
 )
 KENDALL_COLUMNS = ("method", "task", "seed", "epochs_spent", "kendall_tau", "kendall_p", "spearman", "n_configs")
 
@@ -152,14 +154,19 @@ class _Job:
 def _settings(
     method: str, budget: int, kendall_at: Sequence[int], options: RunOptions, fingerprint: str
 ) -> dict[str, Any]:
-    checks = sorted({int(k) for k in kendall_at if 1 <= int(k) <= budget}) if METHODS[method].forecasts else []
-    return {
+    spec = METHODS[method]
+    checks = sorted({int(k) for k in kendall_at if 1 <= int(k) <= budget}) if spec.forecasts else []
+    settings = {
         "format": RUN_FORMAT,
         "budget": int(budget),
         "kendall_at": checks,
-        "options": options.to_dict() if METHODS[method].forecasts else {},
+        "options": options.to_dict() if spec.forecasts else {},
         "pool": fingerprint,
     }
+    resolved = spec.settings()  # what the method runs now: a changed library default invalidates `fms` runs
+    if resolved:
+        settings["method"] = resolved
+    return settings
 
 
 def _load_cached(path: Path, settings: Mapping[str, Any]) -> MethodRun | None:
@@ -217,11 +224,13 @@ def _worker_payloads(items: Sequence[Pool | PoolSource], pools: list[Pool]) -> d
 
 # ----------------------------------------------------------------------------------------------- tables
 def result_rows(run: MethodRun, bounds: RegretBounds, mode: str) -> list[dict[str, Any]]:
-    """The ``results.csv`` rows of one run (regret and test regret added)."""
+    """The ``results.csv`` rows of one run (regret, test regret and the trials started so far added)."""
     regret = normalised_regret(to_scores(run.column("best_val"), mode), bounds.best_val, bounds.worst_val)
     test_regret = normalised_regret(to_scores(run.column("incumbent_test"), mode), bounds.best_test, bounds.worst_test)
     rows = []
+    begun: set[int] = set()
     for row, r, t in zip(run.rows, regret, test_regret, strict=True):
+        begun.add(int(row["config"]))
         rows.append(
             {
                 "method": run.method,
@@ -230,6 +239,7 @@ def result_rows(run: MethodRun, bounds: RegretBounds, mode: str) -> list[dict[st
                 **row,
                 "regret": float(r),
                 "test_regret": float(t),
+                "trials_started": len(begun),
             }
         )
     return rows
