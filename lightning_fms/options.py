@@ -31,6 +31,7 @@ import yaml
 
 from lightning_fms.errors import FMSError
 from lightning_fms.search.optimizer import DEFAULT_FRESH_CANDIDATES, DEFAULT_STARTUP_TRIALS
+from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS
 from lightning_fms.search.searcher import CURVE_ENCODERS, SEARCHERS
 from lightning_fms.weights.registry import FEATURIZERS
 
@@ -173,6 +174,16 @@ class StudyOptions:
     num_fresh_candidates: int = option(DEFAULT_FRESH_CANDIDATES, "Fresh configurations scored per decision.")
     num_startup_trials: int = option(DEFAULT_STARTUP_TRIALS, "Random configurations started before the searcher.")
     max_paused_trials: int | None = option(None, "Bound on paused trials (their checkpoints); default unbounded.")
+    max_surrogate_rows: int | None = option(
+        DEFAULT_MAX_ROWS,
+        "Cap on the surrogate's training rows (every row of the longest trials is kept); empty: no cap.",
+        minimum=2,
+    )
+    promotion_probability: float | None = option(
+        None,
+        "Per decision, the probability of continuing the best paused trial of the highest rung instead of asking "
+        "the surrogate (default: the searcher's own, 0.25 for fms, 0 for the paper's dyhpo and the plain gp).",
+    )
     surrogate_options: dict[str, Any] | None = option(None, "Extra surrogate arguments, e.g. '{full_fit_steps: 60}'.")
     featurizer_options: dict[str, Any] | None = option(None, "Extra featurizer arguments, e.g. '{embedding_dim: 16}'.")
     frozen_layers: bool | list[float] | None = option(

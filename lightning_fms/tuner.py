@@ -112,6 +112,10 @@ class FMSTuner:
         num_fresh_candidates: Fresh configurations scored per decision.
         num_startup_trials: Random configurations started before the searcher is consulted.
         max_paused_trials: Bound on paused trials (their checkpoints); ``None``: unbounded.
+        max_surrogate_rows: Cap on the surrogate's training rows (every row of the longest trials is kept);
+            ``None``: no cap.
+        promotion_probability: Per decision, the probability of continuing the best paused trial of the highest
+            rung without the surrogate; ``None``: the searcher's default.
         hub_argument: Module argument receiving the pretrained hub module (only without ``executor``).
         epochs_argument: Module argument receiving the per-trial cap (only without ``executor``).
         weights_attribute: Submodule whose weights feed the featurizer (default: ``hub_argument``; only
@@ -156,6 +160,8 @@ class FMSTuner:
         num_fresh_candidates: int = _DECLARED.num_fresh_candidates,
         num_startup_trials: int = _DECLARED.num_startup_trials,
         max_paused_trials: int | None = _DECLARED.max_paused_trials,
+        max_surrogate_rows: int | None = _DECLARED.max_surrogate_rows,
+        promotion_probability: float | None = _DECLARED.promotion_probability,
         hub_argument: str = DEFAULT_HUB_ARGUMENT,
         epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         weights_attribute: str | None = _DECLARED.weights_attribute,
@@ -225,6 +231,8 @@ class FMSTuner:
             surrogate_options=surrogate_options,
             featurizer_options=featurizer_options,
             frozen_layers=fractions is not None,
+            promotion_probability=promotion_probability,
+            max_rows=max_surrogate_rows,
         )
         self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None

@@ -50,6 +50,8 @@ def sample_text(declaration, name: str) -> str:
         return "true"
     if kind is int:
         return "3"
+    if kind is float:
+        return "0.5"
     if typing.get_origin(kind) is dict:
         return "{steps: 5}"
     return "cuda" if kind is str else "true"
@@ -174,7 +176,7 @@ def test_choices_come_from_the_registries(capsys):
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("searcher", "bogus", "unknown searcher 'bogus' (expected one of dyhpo, gp, random)"),
+        ("searcher", "bogus", "unknown searcher 'bogus' (expected one of fms, dyhpo, gp, random)"),
         ("weights", "pixels", "unknown weights 'pixels' (expected one of none, gmn, nfn, flat, stats)"),
         ("budget", True, "budget must be an integer, got True"),
         ("budget", 0, "budget must be >= 1, got 0"),
