@@ -30,24 +30,26 @@ from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import SurrogateRows
 from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase, check_finite, cpu_state_dict
+from lightning_fms.surrogate.target_warp import RankWarp
 
 #: Learning-curve features per row: last value, best value, last change, has-a-curve flag.
 CURVE_FEATURES = 4
 
 
-def curve_features(rows: SurrogateRows, mu: float, std: float) -> Tensor:
+def curve_features(rows: SurrogateRows, mu: float, std: float, warp: RankWarp | None = None) -> Tensor:
     """Summaries of each row's observed curve, in standardised target units.
 
     Args:
         rows: ``N`` rows (curves ``[N, L]`` with ``curve_lengths`` real entries each).
         mu: Mean of the targets' standardisation.
         std: Standard deviation of the targets' standardisation.
+        warp: The targets' warp, applied to the curve values first (``None``: none).
 
     Returns:
         ``[N, 4]`` float64: ``(y_last - mu) / std``, ``(max y - mu) / std``, ``(y_last - y_before) / std`` and
         ``1`` when the row has a curve; all ``0`` for a row without one (a fresh configuration).
     """
-    curves = rows.curves.to(torch.float64)
+    curves = rows.curves.to(torch.float64) if warp is None else warp.forward(rows.curves)
     lengths = rows.curve_lengths.to(torch.long).clamp(0, curves.shape[1])
     n = curves.shape[0]
     out = torch.zeros(n, CURVE_FEATURES, dtype=torch.float64)
@@ -87,6 +89,8 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
         learning_rate: Adam learning rate of a fresh fit (warm-started fits use half of it).
         initial_noise: Observation-noise variance (standardised units) of a fresh model.
         extra_scale: Initial output scale of the curve and weight terms (the plain-GP term starts at 1).
+        warp_targets: Fit the GP to the targets' normal scores (:class:`~lightning_fms.surrogate.target_warp.RankWarp`)
+            and map predictions back, so that diverged runs do not dominate the fit.
         device: Where to fit; ``None`` picks CUDA when available, else the CPU.
         dtype: Floating type of the GP.
     """
@@ -107,6 +111,7 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
         learning_rate: float = 0.1,
         initial_noise: float = 0.1,
         extra_scale: float = 0.1,
+        warp_targets: bool = False,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
@@ -126,6 +131,8 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
         self.learning_rate = float(learning_rate)
         self.initial_noise = float(initial_noise)
         self.extra_scale = float(extra_scale)
+        self.warp_targets = bool(warp_targets)
+        self._warp = RankWarp()
         self.embedding_dim = 0 if featurizer is None else int(featurizer.embedding_dim)
         self._w_mean: Tensor | None = None
         self._w_std: Tensor | None = None
@@ -154,6 +161,7 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
             "curve_length": self.curve_length,
             "use_curve": self.use_curve,
             "embedding_dim": self.embedding_dim,
+            "warp_targets": self.warp_targets,
             "dtype": str(self.dtype),
         }
 
@@ -194,11 +202,14 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
             "w_mean": None if self._w_mean is None else self._w_mean.cpu().clone(),
             "w_std": None if self._w_std is None else self._w_std.cpu().clone(),
             "featurizer": {} if self.featurizer is None else cpu_state_dict(self.featurizer),
+            "warp": self._warp.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._w_mean = state.get("w_mean")
         self._w_std = state.get("w_std")
+        self._warp = RankWarp()
+        self._warp.load_state_dict(state.get("warp", {}))
         if self.featurizer is not None and state.get("featurizer"):
             self.featurizer.load_state_dict(state["featurizer"])
 
@@ -229,7 +240,7 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
     def _pack(self, rows: SurrogateRows, mu: float, std: float, weights: Tensor | None) -> Tensor:
         parts = [rows.x.to(torch.float64), rows.budget.to(torch.float64).unsqueeze(-1)]
         if self.use_curve:
-            parts.append(curve_features(rows, mu, std))
+            parts.append(curve_features(rows, mu, std, self._warp))
         if weights is not None:
             assert self._w_mean is not None and self._w_std is not None
             parts.append((weights - self._w_mean) / self._w_std)
@@ -238,6 +249,28 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
     def _inputs(self, rows: SurrogateRows, mu: float, std: float) -> Tensor:
         weights = self._raw_weight_features(rows) if self.featurizer is not None else None
         return self._pack(rows, mu, std, weights)
+
+    # ------------------------------------------------------------------ fit and posterior in warped units
+
+    def fit(self, rows: SurrogateRows, targets: Tensor, seed: int) -> None:
+        """Condition on ``rows`` (see :meth:`ExactGPSurrogateBase.fit`), in warped target units."""
+        previous = self._warp
+        if targets.shape == (len(rows),) and bool(torch.isfinite(targets).all()):
+            self._warp = RankWarp().fit(targets) if self.warp_targets and len(rows) >= 2 else RankWarp()
+        try:
+            super().fit(rows, self._warp.forward(targets) if targets.shape == (len(rows),) else targets, seed)
+        except BaseException:
+            self._warp = previous
+            raise
+        if self._mode == "prior" and len(rows) >= 2:  # a failed fit answers with the raw targets' mean and variance
+            values = targets.detach().to(torch.float64)
+            self._warp = RankWarp()
+            self._prior_mean, self._prior_var = float(values.mean()), float(values.var())
+
+    def posterior(self, rows: SurrogateRows) -> tuple[Tensor, Tensor]:
+        """Predict ``(mean, variance)`` (each ``[M]``, float64, target units), mapped back from the warp."""
+        mean, variance = super().posterior(rows)
+        return self._warp.inverse(mean, variance)
 
     # ------------------------------------------------------------------ training
 
