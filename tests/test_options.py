@@ -177,7 +177,7 @@ def test_choices_come_from_the_registries(capsys):
     ("name", "value", "message"),
     [
         ("searcher", "bogus", "unknown searcher 'bogus' (expected one of fms, dyhpo, gp, random)"),
-        ("weights", "pixels", "unknown weights 'pixels' (expected one of none, gmn, nfn, flat, stats)"),
+        ("weights", "pixels", "unknown weights 'pixels' (expected one of none, gmn, nfn, flat, stats, summary)"),
         ("budget", True, "budget must be an integer, got True"),
         ("budget", 0, "budget must be >= 1, got 0"),
         ("seed", -1, "seed must be >= 0, got -1"),

@@ -121,6 +121,8 @@ def encode_rows(
         specs: ``N`` rows.
         cap: The per-trial epoch cap ``L`` (curve width and budget scale).
         modules: Returns the module (architecture + weights) for a weight key; ``None`` leaves weights out.
+            With modules, the hub entries' pretrained modules the rows' runs started from are added to
+            ``weights`` (after the rows' own) and ``reference_index`` points each entry at its run's.
         fraction_feature: Append each row's trainable fraction as a last column of ``x`` (the
             frozen-layer fidelity's coordinate).
 
@@ -144,13 +146,18 @@ def encode_rows(
     keys: list[WeightKey] = []
     index_of: dict[WeightKey, int] = {}
     weights: list[nn.Module] = []
-    weight_index = torch.zeros(n, dtype=torch.long)
-    for i, spec in enumerate(specs):
-        if spec.weight_key not in index_of:
-            index_of[spec.weight_key] = len(keys)
-            keys.append(spec.weight_key)
-            weights.append(modules(spec.weight_key, spec.config))
-        weight_index[i] = index_of[spec.weight_key]
+
+    def index(key: WeightKey, config: dict[str, Any]) -> int:
+        if key not in index_of:
+            index_of[key] = len(keys)
+            keys.append(key)
+            weights.append(modules(key, config))
+        return index_of[key]
+
+    weight_index = torch.tensor([index(s.weight_key, s.config) for s in specs], dtype=torch.long).reshape(n)
+    # every run's starting point (W_0) joins the modules, after those the rows refer to
+    reference_of = {s.weight_key: index(pretrained_key(space, s.config), s.config) for s in specs}
+    reference_index = torch.tensor([reference_of.get(k, i) for i, k in enumerate(keys)], dtype=torch.long)
     return SurrogateRows(
         x=x,
         budget=budget,
@@ -159,4 +166,5 @@ def encode_rows(
         weight_index=weight_index,
         weights=weights,
         weight_keys=keys,
+        reference_index=reference_index.reshape(len(keys)),
     )

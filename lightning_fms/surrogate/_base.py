@@ -37,6 +37,8 @@ class SurrogateRows:
         weights: The distinct modules (architecture + weights) that rows refer to, or ``None``. A
             featurizer maps them to a ``[len(weights), d]`` embedding.
         weight_keys: A hashable key per entry of ``weights`` (for caching embeddings), or ``None``.
+        reference_index: For each entry of ``weights``, the index (into ``weights``) of the pretrained module its
+            run started from (``W_0``; a hub entry points to itself), shape ``[len(weights)]`` (long), or ``None``.
     """
 
     x: Tensor
@@ -46,6 +48,7 @@ class SurrogateRows:
     weight_index: Tensor | None = None
     weights: Sequence[nn.Module] | None = None
     weight_keys: Sequence[Any] | None = None
+    reference_index: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -62,6 +65,17 @@ class SurrogateRows:
             raise ValueError(f"curves must be [{n}, L], got {tuple(self.curves.shape)}")
         if (self.weight_index is None) != (self.weights is None):
             raise ValueError("weight_index and weights must be given together")
+        if self.reference_index is not None:
+            if self.weights is None:
+                raise ValueError("reference_index needs weights")
+            m = len(self.weights)
+            if self.reference_index.shape != (m,) or self.reference_index.dtype != torch.long:
+                raise ValueError(
+                    f"reference_index must be a long tensor of shape [{m}], got {self.reference_index.dtype} "
+                    f"{tuple(self.reference_index.shape)}"
+                )
+            if m and (int(self.reference_index.min()) < 0 or int(self.reference_index.max()) >= m):
+                raise ValueError(f"reference_index must index into the {m} weights")
 
     def to(self, device: torch.device | str) -> SurrogateRows:
         """Return a copy with every tensor on ``device`` (modules stay where they are)."""
@@ -73,6 +87,7 @@ class SurrogateRows:
             weight_index=None if self.weight_index is None else self.weight_index.to(device),
             weights=self.weights,
             weight_keys=self.weight_keys,
+            reference_index=None if self.reference_index is None else self.reference_index.to(device),
         )
 
 

@@ -66,7 +66,8 @@ class WeightsBranch:
 
     Args:
         featurizer: A module with an ``embedding_dim: int`` attribute whose ``forward(modules, keys=None)``
-            returns a differentiable ``[len(modules), embedding_dim]`` tensor. It is moved to ``device``.
+            returns a differentiable ``[len(modules), embedding_dim]`` tensor (given rows with a
+            ``reference_index`` it is called with ``references=`` too). It is moved to ``device``.
         device: Where the featurizer runs.
 
     Raises:
@@ -92,7 +93,11 @@ class WeightsBranch:
         """
         assert rows.weights is not None and rows.weight_index is not None
         keys = None if rows.weight_keys is None else list(rows.weight_keys)
-        table = self.featurizer(list(rows.weights), keys)
+        if rows.reference_index is None:
+            table = self.featurizer(list(rows.weights), keys)
+        else:  # each run's starting weights, for featurizers that read how far training moved them
+            references = [rows.weights[i] for i in rows.reference_index.tolist()]
+            table = self.featurizer(list(rows.weights), keys, references=references)
         if table.shape != (len(rows.weights), self.embedding_dim):
             raise ValueError(
                 f"featurizer returned shape {tuple(table.shape)}, expected [{len(rows.weights)}, {self.embedding_dim}]"

@@ -20,10 +20,14 @@ architectures from :mod:`lightning_fms.testing.networks`):
 * **Batching**: embedding a batch equals embedding each module alone, in any order.
 * **State round trip**: the state dict survives ``torch.save`` / ``torch.load(weights_only=True)``, and a new
   featurizer (another seed) that loads it embeds identically, whatever order it then sees the architectures in.
+  (A featurizer without parameters, such as ``"summary"``, has an empty state and embeds alike from any seed.)
+* **References**: given each module's starting weights (``references``), the embedding still equals one by one,
+  and permuting a module and its reference alike keeps it (if :attr:`permutation_invariant`).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
@@ -113,6 +117,34 @@ class FeaturizerContract:
         self.assert_close(f(modules[::-1]).flip(0), together, "reversed batch")
         assert f([]).shape == (0, f.embedding_dim)
 
+    def references(self, modules: list[nn.Module]) -> list[nn.Module]:
+        """A reference (``W_0``) per module: a copy of the same architecture with perturbed weights."""
+        g = torch.Generator().manual_seed(777)
+        refs = []
+        for m in modules:
+            ref = copy.deepcopy(m)
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            refs.append(ref)
+        return refs
+
+    def test_references_follow_their_modules(self) -> None:
+        """With references, rows are still per module, and permuting a module with its reference keeps its row."""
+        f = self.featurizer()
+        modules = self.modules()
+        refs = self.references(modules)
+        together = f(modules, references=refs)
+        assert together.shape == (len(modules), f.embedding_dim) and torch.isfinite(together).all()
+        alone = torch.cat([f([m], references=[r]) for m, r in zip(modules[::-1], refs[::-1])]).flip(0)
+        self.assert_close(alone, together, "with references, one by one vs in a batch")
+        if not self.permutation_invariant:
+            return
+        seed = self.permutation_seeds[0]
+        permuted = [permute_hidden_units(m, torch.Generator().manual_seed(seed)) for m in modules]
+        permuted_refs = [permute_hidden_units(r, torch.Generator().manual_seed(seed)) for r in refs]
+        self.assert_close(f(permuted, references=permuted_refs), together, "module and reference permuted alike")
+
     def test_state_dict_round_trip(self) -> None:
         """A new featurizer loading the (``weights_only``-saved) state embeds identically."""
         f = self.featurizer(seed=0)
@@ -122,8 +154,10 @@ class FeaturizerContract:
         torch.save(f.state_dict(), buffer)
         buffer.seek(0)
         state = torch.load(buffer, weights_only=True)
-        other = self.featurizer(seed=1)(modules)
-        assert (other - out).abs().max() > self.atol, "another seed embeds identically: the test would prove nothing"
+        if any(True for _ in f.parameters()):  # a featurizer without parameters has no seed to tell apart
+            other = self.featurizer(seed=1)(modules)
+            gap = (other - out).abs().max()
+            assert gap > self.atol, "another seed embeds identically: the test would prove nothing"
         fresh = self.featurizer(seed=1)
         fresh.load_state_dict(state)
         self.assert_close(fresh(modules[::-1]).flip(0), out, "loaded state, architectures in reverse order")

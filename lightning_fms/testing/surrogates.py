@@ -147,6 +147,7 @@ def select_rows(rows: SurrogateRows, index: Tensor) -> SurrogateRows:
         weight_index=None if rows.weight_index is None else rows.weight_index[index],
         weights=rows.weights,
         weight_keys=rows.weight_keys,
+        reference_index=rows.reference_index,
     )
 
 

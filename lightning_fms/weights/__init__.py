@@ -1,7 +1,7 @@
 """Checkpoint featurizers: embed a trial's weights for the surrogate.
 
 ``build_featurizer(name, **options)`` with ``name`` in :data:`FEATURIZERS` returns a :class:`Featurizer` (an
-``nn.Module`` with ``embedding_dim`` and ``forward(modules, keys=None) -> [B, embedding_dim]``):
+``nn.Module`` with ``embedding_dim`` and ``forward(modules, keys=None, references=None) -> [B, embedding_dim]``):
 
 * ``"gmn"``: graph metanetwork on traced parameter graphs (:class:`ParameterGraph`); any traceable architecture,
   mixed architectures in one batch, invariant to neuron permutations.
@@ -9,6 +9,8 @@
   other architectures are embedded from per-tensor statistics (one warning each) unless ``fallback=False``.
 * ``"flat"``: flattened weights and an MLP per architecture, real-permutation augmentation.
 * ``"stats"``: per-tensor statistics and a linear projection; any architecture, cheapest.
+* ``"summary"``: 20 fixed statistics of the weights and of their change since the run's pretrained weights
+  (``forward(..., references=W_0)``); any architecture, nothing trained.
 
 The names load on first use, so reading :data:`FEATURIZERS` (the command line's choices) does not import
 torch-geometric or the featurizers.
@@ -38,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "FEATURIZERS": "lightning_fms.weights.registry",
     "build_featurizer": "lightning_fms.weights.registry",
     "StatsFeaturizer": "lightning_fms.weights.stats",
+    "SummaryFeaturizer": "lightning_fms.weights.summary",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,4 +65,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         NodeType,
     )
     from lightning_fms.weights.stats import StatsFeaturizer
+    from lightning_fms.weights.summary import SummaryFeaturizer
     from lightning_fms.weights.topology import GraphTopology

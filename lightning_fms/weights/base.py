@@ -68,12 +68,20 @@ class Featurizer(nn.Module):
         """Floating dtype of the featurizer's parameters."""
         return self._ref.dtype
 
-    def forward(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None = None) -> Tensor:
+    def forward(
+        self,
+        modules: Sequence[nn.Module],
+        keys: Sequence[Hashable] | None = None,
+        references: Sequence[nn.Module] | None = None,
+    ) -> Tensor:
         """Embed modules.
 
         Args:
             modules: ``B`` modules, of any (mixed) architectures the featurizer supports.
             keys: Optional hashable key per module identifying its weights, for caching.
+            references: Optional ``B`` modules: the weights each run started from (``W_0``, the hub entry's
+                pretrained module; of the same architecture as its module). Featurizers that do not read them
+                ignore them.
 
         Returns:
             Shape ``[B, embedding_dim]``, on the featurizer's device and dtype.
@@ -139,9 +147,15 @@ class Featurizer(nn.Module):
         return False
 
     @staticmethod
-    def _check_keys(modules: Sequence[nn.Module], keys: Sequence[Hashable] | None) -> None:
+    def _check_keys(
+        modules: Sequence[nn.Module],
+        keys: Sequence[Hashable] | None,
+        references: Sequence[nn.Module] | None = None,
+    ) -> None:
         if keys is not None and len(keys) != len(modules):
             raise FMSError(f"got {len(keys)} keys for {len(modules)} modules")
+        if references is not None and len(references) != len(modules):
+            raise FMSError(f"got {len(references)} references for {len(modules)} modules")
 
 
 def signatures_to_tensor(signatures: Sequence[str]) -> Tensor:

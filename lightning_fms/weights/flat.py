@@ -263,8 +263,13 @@ class FlatFeaturizer(Featurizer):
                 self._values.put(key, flat)
         return flat
 
-    def forward(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None = None) -> Tensor:
-        """Embed modules (see :meth:`Featurizer.forward`); shape ``[B, embedding_dim]``."""
+    def forward(
+        self,
+        modules: Sequence[nn.Module],
+        keys: Sequence[Hashable] | None = None,
+        references: Sequence[nn.Module] | None = None,
+    ) -> Tensor:
+        """Embed modules (see :meth:`Featurizer.forward`), shape ``[B, embedding_dim]``; ``references`` are unused."""
         self._check_keys(modules, keys)
         if len(modules) == 0:
             return self._ref.new_zeros(0, self.embedding_dim)

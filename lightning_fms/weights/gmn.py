@@ -408,8 +408,13 @@ class GMNFeaturizer(Featurizer):
         del buf, buf2
         return self._pool(g, x, self._edge_sum_lean(g, e))
 
-    def forward(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None = None) -> Tensor:
-        """Embed modules (see :meth:`Featurizer.forward`); shape ``[B, embedding_dim]``."""
+    def forward(
+        self,
+        modules: Sequence[nn.Module],
+        keys: Sequence[Hashable] | None = None,
+        references: Sequence[nn.Module] | None = None,
+    ) -> Tensor:
+        """Embed modules (see :meth:`Featurizer.forward`), shape ``[B, embedding_dim]``; ``references`` are unused."""
         if len(modules) == 0:
             return self._ref.new_zeros(0, self.embedding_dim)
         self._sync_trainable()

@@ -447,8 +447,13 @@ class NFNFeaturizer(Featurizer):
             else:
                 self._native_part([tuple(w.shape) for w in self._weights(module, arch.chain)[0]])
 
-    def forward(self, modules: Sequence[nn.Module], keys: Sequence[Hashable] | None = None) -> Tensor:
-        """Embed modules (see :meth:`Featurizer.forward`); shape ``[B, embedding_dim]``."""
+    def forward(
+        self,
+        modules: Sequence[nn.Module],
+        keys: Sequence[Hashable] | None = None,
+        references: Sequence[nn.Module] | None = None,
+    ) -> Tensor:
+        """Embed modules (see :meth:`Featurizer.forward`), shape ``[B, embedding_dim]``; ``references`` are unused."""
         self._check_keys(modules, keys)
         if len(modules) == 0:
             return self._ref.new_zeros(0, self.embedding_dim)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from lightning_fms.weights.base import Featurizer
 
 #: Names accepted by :func:`build_featurizer` (the one list the recipe, the flags and the benchmark read).
-FEATURIZERS: tuple[str, ...] = ("gmn", "nfn", "flat", "stats")
+FEATURIZERS: tuple[str, ...] = ("gmn", "nfn", "flat", "stats", "summary")
 
 
 def _classes() -> dict[str, type[Featurizer]]:
@@ -19,8 +19,15 @@ def _classes() -> dict[str, type[Featurizer]]:
     from lightning_fms.weights.gmn import GMNFeaturizer
     from lightning_fms.weights.nfn import NFNFeaturizer
     from lightning_fms.weights.stats import StatsFeaturizer
+    from lightning_fms.weights.summary import SummaryFeaturizer
 
-    return {"gmn": GMNFeaturizer, "nfn": NFNFeaturizer, "flat": FlatFeaturizer, "stats": StatsFeaturizer}
+    return {
+        "gmn": GMNFeaturizer,
+        "nfn": NFNFeaturizer,
+        "flat": FlatFeaturizer,
+        "stats": StatsFeaturizer,
+        "summary": SummaryFeaturizer,
+    }
 
 
 def build_featurizer(name: str, **options: Any) -> Featurizer:
@@ -28,7 +35,8 @@ def build_featurizer(name: str, **options: Any) -> Featurizer:
 
     Args:
         name: One of :data:`FEATURIZERS`.
-        **options: Constructor options of the featurizer (``embedding_dim`` for all of them).
+        **options: Constructor options of the featurizer (``embedding_dim`` for all but ``"summary"``, whose 20
+            features are fixed).
 
     Returns:
         The featurizer (an ``nn.Module``).

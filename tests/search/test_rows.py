@@ -65,3 +65,27 @@ def test_encoding_shapes_and_weight_dedup():
     assert rows.curves[2, :2].tolist() == [0.10000000149011612, 0.20000000298023224]
     assert len(built) == len(set(built)) == 4
     assert rows.weight_index.tolist() == [0, 1, 2, 3]
+
+
+def test_reference_index_points_every_module_at_its_runs_hub_entry():
+    ts = trials()
+    cands = [Candidate(0, ts[0].config, 4), Candidate(1, ts[1].config, 2)]
+    specs = candidate_specs(SPACE, cands, ts, "max")  # rows of trained weights only: no hub entry among them
+    built = {}
+
+    def modules(key, config):
+        built[key] = nn.Linear(1, 1)
+        return built[key]
+
+    rows = encode_rows(SPACE, specs, cap=5, modules=modules)
+    # the rows' own modules come first, then the hub entries their runs started from
+    assert rows.weight_keys == [("trial", 0, 3), ("trial", 1, 1), ("hub", "a"), ("hub", "b")]
+    assert rows.weight_index.tolist() == [0, 1]
+    assert rows.reference_index.tolist() == [2, 3, 2, 3]
+    assert all(rows.weights[i] is built[k] for i, k in enumerate(rows.weight_keys))
+
+    training, _ = training_specs(SPACE, list(ts.values()), "max")
+    rows = encode_rows(SPACE, training, cap=5, modules=modules)
+    assert rows.weight_keys == [("hub", "a"), ("trial", 0, 1), ("trial", 0, 2), ("hub", "b")]
+    assert rows.reference_index.tolist() == [0, 0, 0, 3]  # a hub entry is its own reference
+    assert encode_rows(SPACE, training, cap=5).reference_index is None

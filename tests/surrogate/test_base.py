@@ -21,10 +21,15 @@ def rows(n: int = 3, **overrides) -> SurrogateRows:
 
 def test_len_and_to_keep_every_field() -> None:
     modules = [nn.Linear(1, 1)]
-    batch = rows(weight_index=torch.zeros(3, dtype=torch.long), weights=modules, weight_keys=["a"])
+    batch = rows(
+        weight_index=torch.zeros(3, dtype=torch.long),
+        weights=modules,
+        weight_keys=["a"],
+        reference_index=torch.zeros(1, dtype=torch.long),
+    )
     moved = batch.to("cpu")
     assert len(moved) == 3 and moved.weights is modules and moved.weight_keys == ["a"]
-    for name in ("x", "budget", "curves", "curve_lengths", "weight_index"):
+    for name in ("x", "budget", "curves", "curve_lengths", "weight_index", "reference_index"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
 
 
@@ -36,6 +41,23 @@ def test_len_and_to_keep_every_field() -> None:
         ({"curve_lengths": torch.zeros(3, 1, dtype=torch.long)}, "curve_lengths"),
         ({"curves": torch.zeros(2, 4)}, "curves"),
         ({"weight_index": torch.zeros(3, dtype=torch.long)}, "together"),
+        ({"reference_index": torch.zeros(1, dtype=torch.long)}, "needs weights"),
+        (
+            {
+                "weight_index": torch.zeros(3, dtype=torch.long),
+                "weights": [nn.Linear(1, 1)],
+                "reference_index": torch.zeros(2, dtype=torch.long),
+            },
+            "reference_index must be",
+        ),
+        (
+            {
+                "weight_index": torch.zeros(3, dtype=torch.long),
+                "weights": [nn.Linear(1, 1)],
+                "reference_index": torch.ones(1, dtype=torch.long),
+            },
+            "index into",
+        ),
     ],
 )
 def test_rejects_inconsistent_shapes(overrides, match) -> None:

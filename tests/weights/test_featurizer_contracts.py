@@ -63,6 +63,16 @@ class TestStatsSpreadWithBuffers(FeaturizerContract):
         return build_featurizer("stats", embedding_dim=8, num_tensors=4, selection="spread", include_buffers=True)
 
 
+class TestSummary(FeaturizerContract):
+    def make_featurizer(self) -> Featurizer:
+        return build_featurizer("summary")
+
+
+class TestSummaryWithBuffers(FeaturizerContract):
+    def make_featurizer(self) -> Featurizer:
+        return build_featurizer("summary", include_buffers=True)
+
+
 # ------------------------------------------------------------------ the suite rejects featurizers that break it
 
 
