@@ -142,3 +142,15 @@ def test_rank_warp_of_constant_targets_is_the_identity():
     warp = RankWarp().fit(torch.full((4,), 0.5))
     assert warp.is_identity
     assert torch.equal(warp.forward(torch.tensor([0.3])), torch.tensor([0.3]).double())
+
+
+def test_large_fits_train_on_a_subsample_and_condition_on_every_row(data):
+    train, y, test, _ = data
+    n = len(train)
+    subsampled = AdditiveGPSurrogate(x_dim=3, curve_length=8, device="cpu", full_fit_steps=10, fit_rows=n // 2)
+    subsampled.fit(train, y, seed=0)
+    mean, _ = subsampled.posterior(train)
+    assert float((mean - y.double()).abs().mean()) < 0.05  # the posterior still interpolates every training row
+    again = AdditiveGPSurrogate(x_dim=3, curve_length=8, device="cpu", full_fit_steps=10, fit_rows=n // 2)
+    again.fit(train, y, seed=0)
+    assert torch.equal(again.posterior(test)[0], subsampled.posterior(test)[0])  # the subsample is seeded
