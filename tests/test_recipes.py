@@ -105,3 +105,42 @@ def test_agent_recipe_as_documented(tmp_path):
     assert results["epochs_spent"] == 4
     assert results["best"]["value"] > 0.2
     assert all(t["error"] is None for t in results["trials"])
+
+
+def _bench_surrogate(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_surrogate", ROOT / "recipes" / "bench_surrogate.py")
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, recipe)  # its dataclasses look their module up
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_bench_surrogate_steady_decisions_follow_the_fit_schedule(hub, monkeypatch):
+    """recipes/bench_surrogate.py --steady: each timed decision is a fresh fit, a warm start or a promotion."""
+    torch.set_num_threads(1)
+    bench = _bench_surrogate(monkeypatch)
+    assert bench.parse_variant("fms+summary/nocap") == bench.Variant("fms", "summary", None)
+    assert bench.parse_variant("fms/nocap").label == "fms/nocap"
+    with pytest.raises(SystemExit, match="unknown searcher"):
+        bench.parse_variant("tpe")
+    runs = bench.interleaved_runs([5, 10], [bench.Variant("gp"), bench.Variant("fms"), bench.Variant("fms", "summary"),
+                                            bench.Variant("fms", max_rows=None)], repeats=2, decisions=5, cap=4,
+                                  fresh=4, device="cpu", hub=hub, uncapped_decisions=2)  # fmt: skip
+    assert sorted(runs) == sorted([(label, n) for label in ("gp", "fms", "fms+summary") for n in (5, 10)]
+                                  + [("fms/nocap", 10)])  # fmt: skip
+    assert all(len(group) == 2 for key, group in runs.items() if key[0] != "fms/nocap")
+    assert [len(run.decision_s) for run in runs["fms/nocap", 10]] == [2]
+    for (label, _), group in runs.items():
+        for run in group:
+            assert run.full_fits + run.refine_fits + run.promotions == len(run.decision_s)
+            assert all(s > 0 for s in run.decision_s) and run.first_s > 0
+            if label == "gp":  # the plain GP refits from scratch and never promotes
+                assert (run.full_fits, run.refine_fits, run.promotions) == (5, 0, 0)
+    fms_runs = runs["fms", 5] + runs["fms", 10]
+    assert sum(r.refine_fits for r in fms_runs) > sum(r.full_fits for r in fms_runs)  # warm starts in between
+    ratios = {what: ratio for what, ratio, _ in bench.cost_ratios(runs)}
+    assert set(ratios) == {"fms / gp at 5 observations", "fms at 10 / fms at 5", "fms+summary / fms at 5",
+                           "fms+summary / fms at 10", "fms/nocap / fms at 10"}  # fmt: skip
+    assert all(ratio > 0 for ratio in ratios.values())
+    table = bench.steady_table(runs)
+    assert table[0].startswith("| searcher | observations |") and len(table) == 2 + len(runs)
