@@ -157,7 +157,9 @@ class StudyOptions:
     max_epochs_per_trial: int = option(20, "Per-trial epoch cap (and LR-schedule horizon).", top_level=True, minimum=1)
     seed: int = option(0, "Seeds every decision and every trial (keep it when resuming).", top_level=True, minimum=0)
     searcher: SearcherName = option(
-        "dyhpo", f"What decides the next epoch: {', '.join(SEARCHERS)} (deep-kernel GP, plain GP, random search)."
+        "fms",
+        f"What decides the next epoch: {', '.join(SEARCHERS)} (the default: plain-GP kernel plus curve and weight "
+        "kernels; the paper's deep-kernel GP; plain GP; random search).",
     )
     weights: WeightsName = option(
         "none",
