@@ -50,6 +50,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_fms.cli_trials import CLITrialBuilder
 from lightning_fms.errors import FMSError, error_line
 from lightning_fms.options import TUNERS, TunerOptions, WandbOptions, tuner_arguments
+from lightning_fms.search.searcher import resolve_weights
 from lightning_fms.search.space import CategoricalParam, HubChoice, SearchSpace
 from lightning_fms.sweep import read_space_file
 from lightning_fms.training.in_process import InProcessExecutor
@@ -219,7 +220,7 @@ class FMSLightningCLI(LightningCLI):
             cap=options.max_epochs_per_trial,
             max_epochs_key=options.max_epochs_key,
             weights_attribute=weights_attribute,
-            reads_weights=options.weights != "none",
+            reads_weights=resolve_weights(options.searcher, space, options.weights) != "none",
         )
         executor = InProcessExecutor(builder, monitor=monitor, hub=builder.hub, weights_attribute=weights_attribute)
         tuner = FMSTuner(

@@ -32,7 +32,7 @@ import yaml
 from lightning_fms.errors import FMSError
 from lightning_fms.search.optimizer import DEFAULT_FRESH_CANDIDATES, DEFAULT_STARTUP_TRIALS
 from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS
-from lightning_fms.search.searcher import CURVE_ENCODERS, SEARCHERS
+from lightning_fms.search.searcher import AUTO_WEIGHTS, CURVE_ENCODERS, SEARCHERS
 from lightning_fms.weights.registry import FEATURIZERS
 
 __all__ = [
@@ -59,7 +59,7 @@ FALLBACK_MODE: Literal["max", "min"] = "max"
 
 SearcherName = Literal[SEARCHERS]  # type: ignore[valid-type]
 CurveEncoderName = Literal[CURVE_ENCODERS]  # type: ignore[valid-type]
-WeightsName = Literal[("none", *FEATURIZERS)]  # type: ignore[valid-type]
+WeightsName = Literal[(AUTO_WEIGHTS, "none", *FEATURIZERS)]  # type: ignore[valid-type]
 Parse = Callable[[str], Any]
 
 
@@ -162,8 +162,9 @@ class StudyOptions:
         "kernels; the paper's deep-kernel GP; plain GP; random search).",
     )
     weights: WeightsName = option(
-        "none",
-        f"Checkpoint featurizer of the surrogate: none (DyHPO) or {', '.join(FEATURIZERS)} (FMS, reads the weights).",
+        "auto",
+        f"Checkpoint featurizer of the surrogate: auto (summary for the fms searcher when the space has a hub "
+        f"choice, else none), none, or {', '.join(FEATURIZERS)} (reads the weights).",
     )
     weights_attribute: str | None = option(
         None,

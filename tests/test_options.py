@@ -165,9 +165,10 @@ def test_choices_come_from_the_registries(capsys):
     hints = typing.get_type_hints(StudyOptions)
     assert typing.get_args(hints["searcher"]) == SEARCHERS
     assert typing.get_args(hints["curve"]) == CURVE_ENCODERS
-    assert typing.get_args(hints["weights"]) == ("none", *FEATURIZERS)
+    assert typing.get_args(hints["weights"]) == ("auto", "none", *FEATURIZERS)
     tune_help = subcommand_help("tune", capsys)
-    assert "{" + ",".join(SEARCHERS) + "}" in tune_help and "{" + ",".join(("none", *FEATURIZERS)) + "}" in tune_help
+    weights = ("auto", "none", *FEATURIZERS)
+    assert "{" + ",".join(SEARCHERS) + "}" in tune_help and "{" + ",".join(weights) + "}" in tune_help
     space = SearchSpace.from_dict({"model.lr": {"type": "float", "low": 0.01, "high": 0.1}})
     for name in SEARCHERS:  # every listed name builds
         assert build_searcher(name, space, cap=3, device="cpu") is not None
@@ -177,7 +178,7 @@ def test_choices_come_from_the_registries(capsys):
     ("name", "value", "message"),
     [
         ("searcher", "bogus", "unknown searcher 'bogus' (expected one of fms, dyhpo, gp, random)"),
-        ("weights", "pixels", "unknown weights 'pixels' (expected one of none, gmn, nfn, flat, stats, summary)"),
+        ("weights", "pixels", "unknown weights 'pixels' (expected one of auto, none, gmn, nfn, flat, stats, summary)"),
         ("budget", True, "budget must be an integer, got True"),
         ("budget", 0, "budget must be >= 1, got 0"),
         ("seed", -1, "seed must be >= 0, got -1"),

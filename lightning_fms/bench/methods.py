@@ -50,7 +50,7 @@ from lightning_fms.errors import FMSError, one_line
 from lightning_fms.options import declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.rows import WeightKey
-from lightning_fms.search.searcher import seeded_searcher
+from lightning_fms.search.searcher import resolve_weights, seeded_searcher
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.threads import torch_threads
 from lightning_fms.weights.registry import FEATURIZERS
@@ -297,9 +297,10 @@ def _run_optimizer(
 ) -> None:
     """Run :class:`FreezeThawOptimizer` on the pool: ask, look the epoch up, tell."""
     space = pool.space
-    modules = PoolModules(pool) if choice.weights != "none" else None
+    weights = resolve_weights(choice.searcher, space, choice.weights)
+    modules = PoolModules(pool) if weights != "none" else None
     # the hub regime is left out: a -hidden variant starts from the same surrogate initialisation (paired)
-    method_key = (choice.searcher, choice.weights, choice.curve)
+    method_key = (choice.searcher, weights, choice.curve)
     with ledger.deciding():
         # the surrogate's and featurizer's initial parameters depend on (seed, method) only
         search = seeded_searcher(
@@ -308,7 +309,7 @@ def _run_optimizer(
             pool.epochs,
             seed=derive_seed("bench", "searcher", method_key, seed),
             modules=modules,
-            weights=choice.weights,
+            weights=weights,
             curve=choice.curve,
             device="cpu",
             surrogate_options=options.options_for(choice.searcher),
@@ -374,6 +375,17 @@ def _spec_table() -> dict[str, MethodSpec]:
             True,
             _freeze_thaw(lambda hidden=hidden: FreezeThawChoice.library_default(hidden)),
             lambda hidden=hidden: FreezeThawChoice.library_default(hidden),
+        )
+    for hidden in (False, True):  # the library default's surrogate without weights: what the weights add
+        name = "fms-noweights-hidden" if hidden else "fms-noweights"
+        choice = FreezeThawChoice("fms", "none", "cnn", hide_hub=hidden)
+        regime = "hub entry hidden from the surrogate" if hidden else "hub entry visible"
+        table[name] = MethodSpec(
+            name,
+            f"the library's fms searcher (plain-GP kernel plus the curve term) without a weight term; {regime}",
+            True,
+            _freeze_thaw(_fixed(choice)),
+            _fixed(choice),
         )
     variants = [
         (f"fms-{f}", f"FMS: deep-kernel GP on hyperparameters, learning curve and {f} weight embedding", f, "cnn")

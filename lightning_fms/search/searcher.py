@@ -33,6 +33,10 @@ from lightning_fms.threads import torch_threads
 SEARCHERS: tuple[str, ...] = (*SURROGATES, "random")
 #: Learning-curve encoders of the surrogate searchers (``build_searcher(curve=...)``).
 CURVE_ENCODERS: tuple[str, ...] = ("cnn", "none")
+#: The ``weights`` value that picks the featurizer for the searcher and space (see :func:`resolve_weights`).
+AUTO_WEIGHTS = "auto"
+#: What ``weights="auto"`` gives the library default searcher when the space has a hub choice.
+AUTO_FEATURIZER = "summary"
 #: Probability of a promotion decision (see :mod:`lightning_fms.search.promotion`) per searcher by default: the
 #: paper's DyHPO/FMS and the plain GP as published (0); the library default ``fms`` as chosen by the benchmark.
 DEFAULT_PROMOTION_PROBABILITY: dict[str, float] = {"fms": 0.25, "dyhpo": 0.0, "gp": 0.0}
@@ -229,6 +233,18 @@ class RandomSearcher(Searcher):
         return Selection(index=index, info={"surrogate_s": 0.0})
 
 
+def resolve_weights(name: str, space: SearchSpace, weights: str) -> str:
+    """The featurizer a searcher gets: ``weights`` itself, or for ``"auto"`` the searcher's and space's default.
+
+    ``"auto"`` means :data:`AUTO_FEATURIZER` for the library default searcher ``"fms"`` when the space has a hub
+    choice (weights need a hub entry to start from), and ``"none"`` otherwise (the paper's DyHPO reads no
+    weights; the plain GP and random search cannot).
+    """
+    if weights != AUTO_WEIGHTS:
+        return weights
+    return AUTO_FEATURIZER if name == "fms" and space.hub_key is not None else "none"
+
+
 def build_searcher(
     name: str,
     space: SearchSpace,
@@ -252,7 +268,7 @@ def build_searcher(
             ``"gp"`` (plain GP on hyperparameters and budget) or ``"random"``.
         space: The search space.
         cap: The per-trial epoch cap.
-        weights: Checkpoint featurizer: ``"none"`` or a name known to
+        weights: Checkpoint featurizer: ``"none"``, ``"auto"`` (:func:`resolve_weights`) or a name known to
             :func:`lightning_fms.weights.build_featurizer` (``"fms"`` and ``"dyhpo"`` read weights).
         curve: One of :data:`CURVE_ENCODERS`: ``"cnn"`` (learning-curve encoder) or ``"none"``.
         device: Surrogate device; ``None`` picks CUDA when present.
@@ -273,6 +289,7 @@ def build_searcher(
         raise FMSError(f"unknown curve encoder {curve!r} (expected one of {', '.join(CURVE_ENCODERS)})")
     if name == "random":
         return RandomSearcher()
+    weights = resolve_weights(name, space, weights)
     featurizer = None
     if weights != "none":
         if name not in ("fms", "dyhpo"):
