@@ -1,4 +1,4 @@
-"""Small CPU-fast architectures, the digits demo task, the fine-tuning module and the hub builder."""
+"""Small CPU-fast architectures, the digits demo task and other targets, the fine-tuning module and hub builders."""
 
 from lightning_fms.zoo.build import (
     CNN_HUB_SPECS,
@@ -17,6 +17,8 @@ from lightning_fms.zoo.deepsets import DeepSets
 from lightning_fms.zoo.digits import DigitsDataModule, load_digits_task
 from lightning_fms.zoo.mlp import MLP
 from lightning_fms.zoo.mnist import MnistDataModule, load_mnist_task
+from lightning_fms.zoo.mnist1d import Mnist1dDataModule, load_mnist1d_task
+from lightning_fms.zoo.quality_hub import QUALITY_HUB_SPECS, build_quality_hub
 from lightning_fms.zoo.resnet import BasicBlock, TinyResNet
 from lightning_fms.zoo.vit import TinyViT
 
@@ -29,16 +31,20 @@ __all__ = [
     "DeepSets",
     "DigitsDataModule",
     "ImageClassifier",
+    "Mnist1dDataModule",
     "MnistDataModule",
+    "QUALITY_HUB_SPECS",
     "SmallCNN",
     "TinyResNet",
     "TinyViT",
     "build_cnn_hub",
     "build_demo_hub",
     "build_hub",
+    "build_quality_hub",
     "default_cache_dir",
     "load_or_build_hub",
     "load_digits_task",
+    "load_mnist1d_task",
     "load_mnist_task",
     "quiet_lightning",
 ]

@@ -34,7 +34,7 @@ __all__ = [
     "quiet_lightning",
 ]
 
-_SPEC_KEYS = {"name", "family", "class_path", "init_args", "lr", "weight_decay", "epochs", "batch_size"}
+_SPEC_KEYS = {"name", "family", "class_path", "init_args", "lr", "weight_decay", "epochs", "batch_size", "label_noise"}
 _BUILDER_VERSION = 1
 
 DEFAULT_DEMO_EPOCHS = 15
@@ -136,7 +136,8 @@ def build_hub(
 
     Each spec is a mapping with ``name``, ``family``, ``class_path``, optional ``init_args`` (``image_size``
     and ``num_classes`` are filled in from the task when the class takes them), and optional pretraining
-    overrides ``lr`` (default 0.05), ``weight_decay`` (5e-4), ``epochs`` and ``batch_size`` (32). Training
+    overrides ``lr`` (default 0.05), ``weight_decay`` (5e-4), ``epochs``, ``batch_size`` (32) and
+    ``label_noise`` (0: the fraction of the source's training labels redrawn at random). Training
     is a plain CPU Lightning Trainer without logger, checkpoints, progress bar or model summary, with a
     per-entry seed derived from ``seed`` and the entry's name; the caller's RNG state is left untouched.
 
@@ -179,7 +180,12 @@ def build_hub(
     for spec in specs:
         entry_epochs = int(spec.get("epochs", epochs))
         entry_seed = (seed * 1_000_003 + zlib.crc32(spec["name"].encode())) % (2**31)
-        datamodule = DigitsDataModule(task=source, batch_size=int(spec.get("batch_size", 32)), seed=seed)
+        datamodule = DigitsDataModule(
+            task=source,
+            batch_size=int(spec.get("batch_size", 32)),
+            seed=seed,
+            label_noise=float(spec.get("label_noise", 0.0)),
+        )
         init_args = _init_args(spec, datamodule.image_size, datamodule.num_classes)
         cls = _import_module_class(spec["class_path"], f"hub spec {spec['name']!r}")
         start = time.perf_counter()
@@ -226,6 +232,7 @@ def build_hub(
                     "params": int(params),
                     "source_val_acc": round(val_acc, 4),
                     "pretrain_epochs": entry_epochs,
+                    **({"label_noise": float(spec["label_noise"])} if "label_noise" in spec else {}),
                     "pretrain_seconds": round(seconds, 2),
                 },
             )

@@ -53,6 +53,17 @@ def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: in
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def _corrupt_labels(labels: Tensor, num_classes: int, fraction: float, seed: int) -> Tensor:
+    """Return a copy of ``labels`` ``[N]`` with ``round(fraction * N)`` of them redrawn uniformly from the classes."""
+    if fraction == 0.0:
+        return labels
+    rng = np.random.default_rng([seed, 0x1ABE1])
+    picked = rng.permutation(len(labels))[: int(round(fraction * len(labels)))]
+    noisy = labels.clone()
+    noisy[torch.from_numpy(picked)] = torch.from_numpy(rng.integers(0, num_classes, len(picked)))
+    return noisy
+
+
 class DigitsDataModule(LightningDataModule):
     """Scikit-learn's 8x8 digits as a Lightning data module.
 
@@ -66,6 +77,9 @@ class DigitsDataModule(LightningDataModule):
         seed: Seed of the split.
         num_workers: DataLoader worker processes.
         test_fraction: Fraction of each class held out for testing (``0`` for no test split).
+        label_noise: Fraction of the training labels replaced by labels drawn uniformly from all classes
+            (seeded by ``seed``; a replaced label may by chance equal the true one). Validation and test
+            labels stay clean. ``1.0`` gives random labels, as for pretraining a deliberately poor hub entry.
 
     """
 
@@ -79,17 +93,21 @@ class DigitsDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         test_fraction: float = 0.0,
+        label_noise: float = 0.0,
     ):
         super().__init__()
         if task not in TASK_DIGITS:
             raise ValueError(f"unknown digits task {task!r}; choose one of {sorted(TASK_DIGITS)}")
         if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise ValueError("need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1")
+        if not 0.0 <= label_noise <= 1.0:
+            raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
         self.save_hyperparameters()
         self.task = task
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.label_noise = label_noise
         self.seed = seed
         self.num_workers = num_workers
         self.train_set: TensorDataset | None = None
@@ -101,15 +119,20 @@ class DigitsDataModule(LightningDataModule):
         """Number of classes of the task."""
         return len(TASK_DIGITS[self.task])
 
+    def load_task(self) -> tuple[Tensor, Tensor]:
+        """Return all images ``[N, 1, 8, 8]`` and labels ``[N]`` of the task; subclasses read other data here."""
+        return load_digits_task(self.task)
+
     def setup(self, stage: str | None = None) -> None:
-        """Load the bundled data and split it (idempotent)."""
+        """Load the data, split it and corrupt the training labels as asked (idempotent)."""
         if self.train_set is not None:
             return
-        images, labels = load_digits_task(self.task)
+        images, labels = self.load_task()
         val_idx, test_idx, train_idx = _stratified_split(
             labels.numpy(), (self.val_fraction, self.test_fraction), self.seed
         )
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        train_labels = _corrupt_labels(labels[train_idx], self.num_classes, self.label_noise, self.seed)
+        self.train_set = TensorDataset(images[train_idx], train_labels)
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
         self.test_set = TensorDataset(images[test_idx], labels[test_idx]) if len(test_idx) else None
 

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
 
 from lightning_fms.errors import FMSError
-from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule, _stratified_split
+from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule
 
 MNIST_SIDE = 28
 """Height and width of the bundled MNIST images."""
@@ -74,17 +73,10 @@ class MnistDataModule(DigitsDataModule):
         seed: Seed of the split.
         num_workers: DataLoader worker processes.
         test_fraction: Fraction of each class held out for testing (``0`` for no test split).
+        label_noise: Fraction of the training labels redrawn at random (see ``DigitsDataModule``).
 
     """
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the bundled data and split it (idempotent)."""
-        if self.train_set is not None:
-            return
-        images, labels = load_mnist_task(self.task)
-        val_idx, test_idx, train_idx = _stratified_split(
-            labels.numpy(), (self.val_fraction, self.test_fraction), self.seed
-        )
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
-        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
-        self.test_set = TensorDataset(images[test_idx], labels[test_idx]) if len(test_idx) else None
+    def load_task(self) -> tuple[Tensor, Tensor]:
+        """Return the task's images ``[N, 1, 8, 8]`` and labels ``[N]`` (see :func:`load_mnist_task`)."""
+        return load_mnist_task(self.task)

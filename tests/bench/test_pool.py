@@ -284,8 +284,15 @@ def test_shipped_task_files_load(tmp_path):
         assert (task.pool_size, task.epochs, task.pool_seed) == (256, 20, 0)
         assert task.recipe.max_epochs_per_trial == 20 and task.recipe.monitor == "val_acc"
         assert task.recipe.data.init_args["test_fraction"] > 0
-    assert set(names) == {"hub-digits", "hub-mnist", "cnn-digits", "cnn-mnist"}
+    assert set(names) == {"hub-digits", "hub-mnist", "cnn-digits", "cnn-mnist", "quality-digits", "hub-mnist1d"}
     assert names["cnn-mnist"].recipe.hub_builder == "lightning_fms.zoo.build_cnn_hub"
+    assert names["quality-digits"].recipe.hub_builder == "lightning_fms.zoo.build_quality_hub"
+    assert names["hub-mnist1d"].recipe.data.class_path == "lightning_fms.zoo.Mnist1dDataModule"
+    # the new tasks differ from their siblings only in the hub (quality-digits) or the target (hub-mnist1d)
+    for new, old, key in (("quality-digits", "cnn-digits", "hub"), ("hub-mnist1d", "hub-digits", "data")):
+        a, b = names[new].recipe, names[old].recipe
+        assert a.space_spec == b.space_spec and a.model == b.model
+        assert (a.hub_path == b.hub_path) == (key != "hub") and (a.data == b.data) == (key != "data")
 
 
 def test_cnn_hub_specs_are_one_architecture_with_distinct_initialisations():
