@@ -32,7 +32,8 @@ from lightning_fms.errors import FMSError, error_line
 
 EXIT_USAGE = 2
 DEFAULT_BENCH_TASKS = tuple(
-    f"recipes/bench/{name}.yaml" for name in ("cnn-digits", "cnn-mnist", "hub-digits", "hub-mnist")
+    f"recipes/bench/{name}.yaml"
+    for name in ("cnn-digits", "cnn-mnist", "hub-digits", "hub-mnist", "quality-digits", "hub-mnist1d")
 )
 
 

@@ -214,7 +214,7 @@ def test_ledger_refuses_epochs_beyond_the_budget(pool):
 
 
 def test_bad_method_and_budget_are_one_line_errors(pool):
-    with pytest.raises(FMSError, match="unknown method.*known: fms, fms-hidden, fms-gmn"):
+    with pytest.raises(FMSError, match="unknown method.*known: fms, fms-hidden, fms-noweights"):
         check_methods(["random", "bogus"])
     with pytest.raises(FMSError, match="budget must be an integer in"):
         run_method("random", pool, pool.size * pool.epochs + 1, seed=0)
