@@ -179,7 +179,7 @@ class StudyOptions:
     max_paused_trials: int | None = option(None, "Bound on paused trials (their checkpoints); default unbounded.")
     max_surrogate_rows: int | None = option(
         DEFAULT_MAX_ROWS,
-        "Cap on the surrogate's training rows (every row of the longest trials is kept); empty: no cap.",
+        "Cap on the surrogate's training rows (every row of the longest trials is kept); null: no cap.",
         minimum=2,
     )
     promotion_probability: float | None = option(

@@ -15,7 +15,7 @@ Example (``recipes/demo.yaml``)::
     budget: 100
     max_epochs_per_trial: 20
     seed: 0
-    tuner: {searcher: dyhpo, weights: none, curve: cnn}
+    tuner: {searcher: fms, weights: auto, curve: cnn}
     trainer: {accelerator: cpu}
 
 The study's options (``monitor``, ``mode``, ``budget``, ``max_epochs_per_trial``, ``seed`` at the top, the

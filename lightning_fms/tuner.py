@@ -105,8 +105,10 @@ class FMSTuner:
         hub: The model hub (needed when the space has a hub choice; its families label the reports).
         max_epochs_per_trial: Per-trial epoch cap (and LR-schedule horizon).
         seed: Seeds every decision and every trial.
-        searcher: ``"dyhpo"`` (deep-kernel GP), ``"gp"`` (plain GP) or ``"random"``.
-        weights: Checkpoint featurizer (``"none"`` makes the deep kernel DyHPO).
+        searcher: ``"fms"`` (the plain GP's kernel plus curve and weight terms), ``"dyhpo"`` (deep-kernel GP),
+            ``"gp"`` (plain GP) or ``"random"``.
+        weights: Checkpoint featurizer: ``"auto"`` (``"summary"`` for ``"fms"`` with a hub choice, else
+            ``"none"``), ``"none"`` (the deep kernel is then DyHPO) or a featurizer's name.
         curve: ``"cnn"`` or ``"none"``.
         device: Surrogate device (``None``: CUDA when present).
         num_fresh_candidates: Fresh configurations scored per decision.

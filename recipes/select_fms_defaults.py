@@ -82,7 +82,8 @@ def run_variant(
             index = pool.index_of(suggestion.config)
             value = ledger.train(index, suggestion.epoch)
             start = time.perf_counter()
-            opt.tell(suggestion.trial_id, suggestion.epoch, value, float(pool.train_seconds[index, suggestion.epoch - 1]))
+            seconds = float(pool.train_seconds[index, suggestion.epoch - 1])
+            opt.tell(suggestion.trial_id, suggestion.epoch, value, seconds)
             deciding += time.perf_counter() - start
     except BudgetSpent:
         pass

@@ -2,7 +2,9 @@
 
 * :class:`SurrogateSearcher`: fit a surrogate on every observed (trial, epoch), score each candidate
   with multi-fidelity expected improvement (the incumbent taken at the candidate's own epoch), pick
-  the best. With the deep-kernel surrogate and no featurizer this is DyHPO; with a featurizer it is FMS.
+  the best (or, with a probability, promote the best paused trial of the highest rung). With the default
+  additive GP (``"fms"``) the surrogate reads curve and weight features beside the plain GP's inputs; with the
+  deep-kernel surrogate and no featurizer this is DyHPO, with a featurizer the paper's FMS.
 * :class:`RandomSearcher`: random search as users know it: one configuration at a time, trained to
   the per-trial cap, then the next.
 """

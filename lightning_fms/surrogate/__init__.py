@@ -1,4 +1,4 @@
-"""Surrogates (deep-kernel GP for DyHPO/FMS, plain GP baseline) and the multi-fidelity acquisition.
+"""Surrogates (the additive GP by default, the deep-kernel GP of DyHPO/FMS, the plain GP) and the acquisition.
 
 * ``_base``: the contract (:class:`SurrogateRows` in, ``(mean, variance)`` out);
 * ``exact_gp``: what both GPs share (standardisation, seeded fits, recovery, exact posterior, state);
