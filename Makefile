@@ -39,7 +39,7 @@ bench-surrogate: $(STAMP)
 	$(PY) recipes/bench_surrogate.py
 
 bench: $(STAMP)
-	$(VENV)/bin/lightning-fms bench --out runs/bench --jobs 2
+	$(VENV)/bin/lightning-fms bench --out runs/bench --jobs 2 --methods fms gp hyperband asha optuna random fms-hidden gp-hidden
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/lightning-fms bench --quick --out runs/bench-quick --jobs 2
