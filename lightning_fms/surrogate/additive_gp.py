@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import SurrogateRows
 from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase, check_finite, cpu_state_dict
+from lightning_fms.surrogate.feature_extractor import WeightsBranch
 from lightning_fms.surrogate.target_warp import RankWarp
 
 #: Learning-curve features per row: last value, best value, last change, has-a-curve flag.
@@ -143,7 +144,8 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
         self.fit_rows = None if fit_rows is None else int(fit_rows)
         self.warp_targets = bool(warp_targets)
         self._warp = RankWarp()
-        self.embedding_dim = 0 if featurizer is None else int(featurizer.embedding_dim)
+        self._weights = None if featurizer is None else WeightsBranch(featurizer, self.device)
+        self.embedding_dim = 0 if self._weights is None else self._weights.embedding_dim
         self._w_mean: Tensor | None = None
         self._w_std: Tensor | None = None
 
@@ -226,26 +228,11 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
     # ------------------------------------------------------------------ inputs
 
     def _raw_weight_features(self, rows: SurrogateRows) -> Tensor:
-        """The featurizer's output for each row, ``[N, E]`` float64 (no gradients)."""
-        assert self.featurizer is not None and rows.weights is not None and rows.weight_index is not None
-        modules = list(rows.weights)
-        keys = None if rows.weight_keys is None else list(rows.weight_keys)
-        references = None
-        reference_index = getattr(rows, "reference_index", None)
-        if reference_index is not None:
-            references = [modules[int(j)] for j in reference_index.tolist()]
-        self.featurizer.eval()
+        """The featurizer's output for each row, ``[N, E]`` float64 on the CPU (no gradients)."""
+        assert self._weights is not None
+        self._weights.featurizer.eval()
         with torch.no_grad():
-            try:
-                table = self.featurizer(modules, keys, references) if references is not None else None
-            except TypeError:
-                table = None
-            if table is None:
-                table = self.featurizer(modules, keys)
-        if table.shape != (len(modules), self.embedding_dim):
-            expected = f"[{len(modules)}, {self.embedding_dim}]"
-            raise ValueError(f"featurizer returned shape {tuple(table.shape)}, expected {expected}")
-        return table.detach().to("cpu", torch.float64)[rows.weight_index.cpu()]
+            return self._weights.embed(rows, torch.device("cpu"), torch.float64)
 
     def _pack(self, rows: SurrogateRows, mu: float, std: float, weights: Tensor | None) -> Tensor:
         parts = [rows.x.to(torch.float64), rows.budget.to(torch.float64).unsqueeze(-1)]
