@@ -167,6 +167,16 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
 
     # ------------------------------------------------------------------ hooks
 
+    def packed_width(self) -> int:
+        """Width of the packed inputs: ``D + 1`` (+ 4 curve features) (+ ``E`` weight features)."""
+        return self.x_dim + 1 + (CURVE_FEATURES if self.use_curve else 0) + self.embedding_dim
+
+    def x_column_parameters(self) -> dict[str, int]:
+        """The plain-GP term's ARD lengthscales ``[1, D + 1]`` (the last one is the budget's)."""
+        additive = bool(self._curve_dims or self._weight_dims)
+        prefix = "covar_module.base_kernel.kernels.0." if additive else "covar_module.base_kernel."
+        return {f"{prefix}raw_lengthscale": 1}
+
     def _config(self) -> dict[str, Any]:
         return {
             "x_dim": self.x_dim,
@@ -247,6 +257,34 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
         weights = self._raw_weight_features(rows) if self.featurizer is not None else None
         return self._pack(rows, mu, std, weights)
 
+    def pack_features(self, rows: SurrogateRows, mu: float, std: float, weight_features: Tensor | None) -> Tensor:
+        """Packed inputs ``[N, P]`` of rows whose weight features are given, standardised on these rows as a fit does.
+
+        What meta-training over earlier tasks feeds the model (their weight features are computed once, beforehand).
+
+        Args:
+            rows: ``N`` rows (their ``weights`` are not read).
+            mu: Mean of the targets' standardisation.
+            std: Standard deviation of the targets' standardisation.
+            weight_features: ``[N, E]`` raw featurizer output per row, or ``None`` for a surrogate without weights.
+
+        Raises:
+            ValueError: features given to a surrogate without a weight term, or of the wrong width.
+        """
+        if (weight_features is None) != (self.embedding_dim == 0):
+            raise ValueError("weight features must be given exactly when the surrogate has a weight term")
+        if weight_features is None:
+            return self._pack(rows, mu, std, None)
+        if weight_features.shape != (len(rows), self.embedding_dim):
+            raise ValueError(
+                f"weight_features must be [{len(rows)}, {self.embedding_dim}], got {tuple(weight_features.shape)}"
+            )
+        features = weight_features.to(torch.float64)
+        self._w_mean = features.mean(dim=0)
+        spread = features.std(dim=0) if len(rows) > 1 else torch.ones_like(self._w_mean)
+        self._w_std = torch.where(torch.isfinite(spread) & (spread > 1e-12), spread, torch.ones_like(spread))
+        return self._pack(rows, mu, std, features)
+
     # ------------------------------------------------------------------ fit and posterior in warped units
 
     def fit(self, rows: SurrogateRows, targets: Tensor, seed: int) -> None:
@@ -284,7 +322,7 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
             subset = torch.randperm(len(rows))[: self.fit_rows].sort().values.to(inputs.device)
             fit_inputs, fit_targets = inputs[subset], targets[subset]
         if full or self._model is None:
-            self._model = self._build_model(fit_inputs, fit_targets)
+            self._model = self._fresh_model(fit_inputs, fit_targets)
             steps, lr = self.full_fit_steps, self.learning_rate
         else:
             self._model.set_train_data(inputs=fit_inputs, targets=fit_targets, strict=False)

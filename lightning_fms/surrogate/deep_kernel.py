@@ -117,6 +117,26 @@ class DeepKernelSurrogate(ExactGPSurrogateBase):
 
     # ------------------------------------------------------------------ hooks
 
+    def packed_width(self) -> int:
+        """Width of the packed inputs: ``D + 1`` (+ the curve's ``W``) (+ ``E`` embedding)."""
+        return self.x_dim + 1 + (self.curve_width if self.use_curve else 0) + self.embedding_dim
+
+    def x_column_parameters(self) -> dict[str, int]:
+        """The first layer of the ``[x, budget]`` MLP, ``[hidden, D + 1]`` (its last input column is the budget)."""
+        return {"extractor.hp.0.weight": 1}
+
+    def pack_features(
+        self, rows: SurrogateRows, mu: float, std: float, weight_features: Tensor | None = None
+    ) -> Tensor:
+        """Packed inputs ``[N, P]`` of rows for a surrogate without a featurizer (meta-training reads these).
+
+        Raises:
+            ValueError: weight features given (the deep kernel trains its featurizer with the GP instead).
+        """
+        if weight_features is not None or self._weights is not None:
+            raise ValueError("pack_features is for a deep-kernel surrogate without a featurizer")
+        return self._base_inputs(rows, mu, std)
+
     def _config(self) -> dict[str, Any]:
         return {
             "x_dim": self.x_dim,
@@ -210,7 +230,7 @@ class DeepKernelSurrogate(ExactGPSurrogateBase):
                     packed = self._pack(base, rows)
             else:
                 packed = base
-            self._model = self._build_model(packed, targets)
+            self._model = self._fresh_model(packed, targets)
         model = self._model
         assert model is not None
         extra: list[nn.Parameter] = []

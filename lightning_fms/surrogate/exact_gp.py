@@ -185,6 +185,69 @@ class ExactGPSurrogateBase(Surrogate):
         self._force_full = False
         self._counts = {"fits": 0, "full": 0, "refine": 0, "recoveries": 0, "prior_fallbacks": 0}
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None
+        self._initial_parameters: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ where fresh fits start
+
+    @property
+    def initial_parameters(self) -> dict[str, Tensor] | None:
+        """Model parameters every fresh fit starts from instead of the default initialisation (``None``: default)."""
+        return self._initial_parameters
+
+    def set_initial_parameters(self, parameters: dict[str, Tensor] | None) -> None:
+        """Start every later fresh fit from ``parameters`` (a subset of the model's state dict; ``None``: default).
+
+        Raises:
+            ValueError: a name the model does not have, or a tensor of another shape.
+        """
+        if parameters is None:
+            self._initial_parameters = None
+            return
+        probe = self._probe_model()
+        reference = probe.state_dict()
+        for name, value in parameters.items():
+            if name not in reference:
+                raise ValueError(f"initial parameter {name!r} is not a parameter of {type(self).__name__}'s model")
+            if tuple(value.shape) != tuple(reference[name].shape):
+                raise ValueError(
+                    f"initial parameter {name!r} has shape {tuple(value.shape)}, the model's has "
+                    f"{tuple(reference[name].shape)}"
+                )
+        self._initial_parameters = {name: value.detach().cpu().clone() for name, value in parameters.items()}
+
+    def _probe_model(self) -> ExactGPModel:
+        """A model built on two dummy rows (to read its parameter names and shapes), without touching the RNG."""
+        width = self.packed_width()
+        inputs = torch.zeros(2, width, dtype=self.dtype, device=self.device)
+        targets = torch.zeros(2, dtype=self.dtype, device=self.device)
+        with seeded(0, self.device):
+            return self._build_model(inputs, targets)
+
+    def packed_width(self) -> int:
+        """Width ``P`` of the packed model inputs."""
+        raise NotImplementedError
+
+    def x_column_parameters(self) -> dict[str, int]:
+        """Model parameters (state-dict names) with one entry per column of ``rows.x`` along an axis: name -> axis.
+
+        The first ``x_dim`` entries along that axis belong to the columns of ``rows.x``, in order; what follows
+        (the budget, ...) does not depend on the space. A prior (:mod:`lightning_fms.transfer`) lays learned values
+        onto another space's columns by matching them by name.
+        """
+        return {}
+
+    def _fresh_model(self, train_inputs: Tensor, train_targets: Tensor) -> ExactGPModel:
+        """:meth:`_build_model`, then the :attr:`initial_parameters` loaded over its initialisation."""
+        model = self._build_model(train_inputs, train_targets)
+        if self._initial_parameters:
+            model.load_state_dict(
+                {
+                    k: v.to(self.device, self.dtype) if v.is_floating_point() else v
+                    for k, v in self._initial_parameters.items()
+                },
+                strict=False,
+            )
+        return model
 
     # ------------------------------------------------------------------ subclass hooks
 

@@ -50,6 +50,14 @@ class PlainGPSurrogate(ExactGPSurrogateBase):
     def _config(self) -> dict[str, Any]:
         return {"x_dim": self.x_dim, "dtype": str(self.dtype)}
 
+    def packed_width(self) -> int:
+        """Width of the packed inputs, ``D + 1``."""
+        return self.x_dim + 1
+
+    def x_column_parameters(self) -> dict[str, int]:
+        """The ARD lengthscales ``[1, D + 1]`` (the last one is the budget's)."""
+        return {"covar_module.base_kernel.raw_lengthscale": 1}
+
     def _build_model(self, train_inputs: Tensor, train_targets: Tensor) -> ExactGPModel:
         likelihood = gpytorch.likelihoods.GaussianLikelihood()
         base_kernel = gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=int(train_inputs.shape[-1]))
@@ -61,6 +69,6 @@ class PlainGPSurrogate(ExactGPSurrogateBase):
 
     def _train(self, rows: SurrogateRows, targets: Tensor, mu: float, std: float, full: bool) -> Tensor:
         inputs = self._inputs(rows, mu, std)
-        self._model = self._build_model(inputs, targets)
+        self._model = self._fresh_model(inputs, targets)
         self._maximise_likelihood(lambda: inputs, targets, self.steps, self.learning_rate)
         return inputs
