@@ -157,6 +157,7 @@ LAYERS: list[set[str]] = [
     {"observer", "progress", "sweep", "options"},
     {"tuner", "agent", "recipe", "cli_trials", "loggers"},
     {"lightning_cli", "bench", "testing"},
+    {"transfer"},  # reads benchmark pools and study directories; the search layer and the bench reach it lazily
     {"cli", "__init__"},
 ]
 

@@ -189,39 +189,24 @@ class ExactGPSurrogateBase(Surrogate):
 
     # ------------------------------------------------------------------ where fresh fits start
 
-    @property
-    def initial_parameters(self) -> dict[str, Tensor] | None:
-        """Model parameters every fresh fit starts from instead of the default initialisation (``None``: default)."""
-        return self._initial_parameters
-
     def set_initial_parameters(self, parameters: dict[str, Tensor] | None) -> None:
         """Start every later fresh fit from ``parameters`` (a subset of the model's state dict; ``None``: default).
 
         Raises:
             ValueError: a name the model does not have, or a tensor of another shape.
         """
-        if parameters is None:
-            self._initial_parameters = None
-            return
-        probe = self._probe_model()
-        reference = probe.state_dict()
-        for name, value in parameters.items():
-            if name not in reference:
-                raise ValueError(f"initial parameter {name!r} is not a parameter of {type(self).__name__}'s model")
-            if tuple(value.shape) != tuple(reference[name].shape):
-                raise ValueError(
-                    f"initial parameter {name!r} has shape {tuple(value.shape)}, the model's has "
-                    f"{tuple(reference[name].shape)}"
-                )
-        self._initial_parameters = {name: value.detach().cpu().clone() for name, value in parameters.items()}
+        reference = self._probe_model().state_dict() if parameters else {}
+        for name, value in (parameters or {}).items():
+            if name not in reference or tuple(value.shape) != tuple(reference[name].shape):
+                found = "not a parameter" if name not in reference else f"of shape {tuple(value.shape)}, not the shape"
+                raise ValueError(f"initial parameter {name!r} is {found} of {type(self).__name__}'s model")
+        self._initial_parameters = {k: v.detach().cpu().clone() for k, v in parameters.items()} if parameters else None
 
     def _probe_model(self) -> ExactGPModel:
         """A model built on two dummy rows (to read its parameter names and shapes), without touching the RNG."""
-        width = self.packed_width()
-        inputs = torch.zeros(2, width, dtype=self.dtype, device=self.device)
-        targets = torch.zeros(2, dtype=self.dtype, device=self.device)
         with seeded(0, self.device):
-            return self._build_model(inputs, targets)
+            zeros = torch.zeros(2, self.packed_width(), dtype=self.dtype, device=self.device)
+            return self._build_model(zeros, zeros[:, 0])
 
     def packed_width(self) -> int:
         """Width ``P`` of the packed model inputs."""
@@ -237,7 +222,7 @@ class ExactGPSurrogateBase(Surrogate):
         return {}
 
     def _fresh_model(self, train_inputs: Tensor, train_targets: Tensor) -> ExactGPModel:
-        """:meth:`_build_model`, then the :attr:`initial_parameters` loaded over its initialisation."""
+        """:meth:`_build_model`, then the parameters given to :meth:`set_initial_parameters` loaded over it."""
         model = self._build_model(train_inputs, train_targets)
         if self._initial_parameters:
             model.load_state_dict(
