@@ -323,7 +323,7 @@ class AdditiveGPSurrogate(ExactGPSurrogateBase):
             fit_inputs, fit_targets = inputs[subset], targets[subset]
         if full or self._model is None:
             self._model = self._fresh_model(fit_inputs, fit_targets)
-            steps, lr = self.full_fit_steps, self.learning_rate
+            steps, lr = self._fresh_fit_steps(self.full_fit_steps), self.learning_rate
         else:
             self._model.set_train_data(inputs=fit_inputs, targets=fit_targets, strict=False)
             steps, lr = self.refine_steps, self.learning_rate * 0.5

@@ -239,7 +239,7 @@ class DeepKernelSurrogate(ExactGPSurrogateBase):
         else:
             self._weights.featurizer.train()
             extra = list(self._weights.featurizer.parameters())
-        steps = self.full_fit_steps if full else self.refine_steps
+        steps = self._fresh_fit_steps(self.full_fit_steps) if full else self.refine_steps
         inputs = functools.partial(self._step_inputs, base, rows, targets)
         self._maximise_likelihood(inputs, targets, steps, self.learning_rate, extra)
         self._set_eval()

@@ -11,27 +11,30 @@ feature map, then ``ConstantMean`` and a scaled kernel.
 from __future__ import annotations
 
 import logging
-import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gpytorch
 import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from linear_operator.utils.errors import NanError, NotPSDError
-from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import Surrogate, SurrogateRows
+from lightning_fms.surrogate.numerics import (
+    MAX_CHOLESKY_SIZE,
+    check_finite,
+    cpu_state_dict,
+    gp_settings,
+    resolve_device,
+    seeded,
+    standardiser,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Cholesky jitter (in standardised target units) of the one retry after a numerical failure.
 RECOVERY_JITTER = 1e-4
-#: Exact Cholesky algebra up to this many rows (GPyTorch would switch to CG/Lanczos at 800).
-MAX_CHOLESKY_SIZE = 100_000
 #: Smallest variance ``posterior`` returns.
 MIN_VARIANCE = 1e-12
 
@@ -42,67 +45,6 @@ class NumericalFailure(RuntimeError):
 
 #: Everything a fit step may raise that triggers recovery instead of propagating.
 NUMERICAL_ERRORS: tuple[type[BaseException], ...] = (NotPSDError, NanError, torch.linalg.LinAlgError, NumericalFailure)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Return ``device`` as a ``torch.device``; ``None`` means CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's CPU (and ``device``'s CUDA) generator inside a fork, leaving the caller's RNG untouched."""
-    cuda = device.type == "cuda"
-    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.default_generator.manual_seed(int(seed))
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(int(seed))
-        yield
-
-
-@contextmanager
-def gp_settings(jitter: float) -> Iterator[None]:
-    """GPyTorch settings of every fit and prediction: exact Cholesky algebra, optional larger jitter.
-
-    Args:
-        jitter: Cholesky jitter for both float and double; ``0`` keeps GPyTorch's defaults.
-
-    """
-    with ExitStack() as stack:
-        stack.enter_context(gpytorch.settings.max_cholesky_size(MAX_CHOLESKY_SIZE))
-        if jitter > 0:
-            stack.enter_context(gpytorch.settings.cholesky_jitter(float_value=jitter, double_value=jitter))
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore", NumericalWarning)
-        yield
-
-
-def standardiser(targets: Tensor) -> tuple[float, float]:
-    """Mean and standard deviation used to standardise ``targets`` (shape ``[N]``, ``N >= 2``).
-
-    The standard deviation falls back to 1 when it is (relatively) zero or not finite.
-    """
-    values = targets.detach().to(torch.float64)
-    mu = float(values.mean())
-    std = float(values.std()) if values.numel() > 1 else 1.0
-    if not math.isfinite(std) or std <= 1e-8 * max(1.0, abs(mu)):
-        std = 1.0
-    return mu, std
-
-
-def cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """Return a detached CPU copy of ``module.state_dict()`` as a plain dict."""
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-
-
-def check_finite(name: str, value: Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``value`` holds a NaN or an infinity."""
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 class ExactGPModel(gpytorch.models.ExactGP):
@@ -186,11 +128,16 @@ class ExactGPSurrogateBase(Surrogate):
         self._counts = {"fits": 0, "full": 0, "refine": 0, "recoveries": 0, "prior_fallbacks": 0}
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None
         self._initial_parameters: dict[str, Tensor] | None = None
+        self._initial_fit_steps: int | None = None
 
     # ------------------------------------------------------------------ where fresh fits start
 
-    def set_initial_parameters(self, parameters: dict[str, Tensor] | None) -> None:
+    def set_initial_parameters(self, parameters: dict[str, Tensor] | None, fit_steps: int | None = None) -> None:
         """Start every later fresh fit from ``parameters`` (a subset of the model's state dict; ``None``: default).
+
+        Args:
+            parameters: State-dict name -> tensor (``None`` or empty: the default initialisation again).
+            fit_steps: Adam steps of a fresh fit from these parameters (``None``: the surrogate's full-fit steps).
 
         Raises:
             ValueError: a name the model does not have, or a tensor of another shape.
@@ -201,6 +148,11 @@ class ExactGPSurrogateBase(Surrogate):
                 found = "not a parameter" if name not in reference else f"of shape {tuple(value.shape)}, not the shape"
                 raise ValueError(f"initial parameter {name!r} is {found} of {type(self).__name__}'s model")
         self._initial_parameters = {k: v.detach().cpu().clone() for k, v in parameters.items()} if parameters else None
+        self._initial_fit_steps = None if fit_steps is None or not parameters else int(fit_steps)
+
+    def _fresh_fit_steps(self, default: int) -> int:
+        """Steps of a fresh fit: ``default``, or those given with the initial parameters."""
+        return default if self._initial_fit_steps is None else self._initial_fit_steps
 
     def _probe_model(self) -> ExactGPModel:
         """A model built on two dummy rows (to read its parameter names and shapes), without touching the RNG."""
