@@ -86,7 +86,8 @@ def apply_prior(prior: Prior, surrogate: Surrogate, space: SearchSpace, frozen_l
     try:
         reference = trainable_state(surrogate._probe_model())  # noqa: SLF001 (the surrogate's own model layout)
         state = assemble(flat, reference, surrogate.x_column_parameters(), columns, hub_prefix)
-        surrogate.set_initial_parameters(state)
+        fit_steps = prior.metadata.get("fit_steps")
+        surrogate.set_initial_parameters(state, None if fit_steps is None else int(fit_steps))
     except ValueError as error:
         raise FMSError(f"{where} does not fit this study's surrogate: {error}") from None
 
