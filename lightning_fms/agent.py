@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,8 @@ class AgentSettings:
         seed: Seed of the decisions.
         searcher: One of :data:`~lightning_fms.search.searcher.SEARCHERS`.
         max_paused_trials: Bound on paused trials (default unbounded).
+        prior: A prior file written by ``lightning-fms pretrain`` (stored as an absolute path; every agent
+            reads it when it loads the study, and the study's record of its fingerprint must match).
     """
 
     space_file: str | None = None
@@ -92,6 +94,7 @@ class AgentSettings:
     seed: int | None = None
     searcher: str | None = None
     max_paused_trials: int | None = None
+    prior: str | None = None
 
 
 #: The study options an agent takes (:class:`AgentSettings` less ``space_file``), stored with the study.
@@ -141,6 +144,8 @@ class StudyAgent:
         self.study = StudyDirectory(study_dir)
         self.command = list(command)
         self.settings = settings or AgentSettings()
+        if self.settings.prior is not None:  # stored for the other agents, who may run elsewhere
+            self.settings = replace(self.settings, prior=str(Path(self.settings.prior).expanduser().absolute()))
         self.poll_s = poll_s
         self.echo = echo
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -206,7 +211,9 @@ class StudyAgent:
             raise FMSError("agents take no model hub: give the weight files as a plain categorical parameter")
         cap = int(stored["max_epochs_per_trial"])
         seed = derive_seed(int(stored["seed"]), "searcher")
-        searcher = seeded_searcher(stored["searcher"], space, cap, seed=seed, weights="none", device="cpu")
+        searcher = seeded_searcher(
+            stored["searcher"], space, cap, seed=seed, weights="none", device="cpu", prior=stored.get("prior")
+        )
         return FreezeThawOptimizer(
             space,
             searcher,

@@ -18,6 +18,12 @@ takes, generated from the same declaration.
 [--quick]`` runs the benchmark methods side by side on tabulated task pools (see :mod:`lightning_fms.bench`) and
 writes ``results.csv``, ``kendall.csv``, figures and ``summary.md`` to ``DIR``; finished runs are kept and
 reused when it is run again.
+
+``lightning-fms pretrain --from SOURCE [SOURCE ...] --out PRIOR [--searcher fms --steps 1000 ...]`` learns a
+prior from earlier tasks (benchmark task files, pool folders, finished study directories; see
+:mod:`lightning_fms.transfer`) and writes it to ``PRIOR``, one safetensors file; its flags are the options of
+:class:`~lightning_fms.transfer.pretrain.PretrainOptions`. A study starts its surrogate fits from it with
+``--prior PRIOR`` (``tuner.prior`` in a recipe, ``--tuner.prior`` with ``FMSLightningCLI``).
 """
 
 from __future__ import annotations
@@ -76,11 +82,30 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     )
 
 
+def _pretrain_arguments(pretrain: argparse.ArgumentParser) -> None:
+    from lightning_fms.options import add_option_flags, option_names
+    from lightning_fms.transfer.pretrain import PretrainOptions
+
+    pretrain.add_argument(
+        "--from",
+        dest="sources",
+        nargs="+",
+        required=True,
+        metavar="SOURCE",
+        help="benchmark task files, pool folders or finished study directories to learn from",
+    )
+    pretrain.add_argument("--out", required=True, metavar="PRIOR", help="the prior file to write (.safetensors)")
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = pretrain.add_argument_group("pretraining options")
+    add_option_flags(group, option_names(PretrainOptions), PretrainOptions)
+
+
 #: Subcommand -> (its help line, what adds its arguments; ``fit`` is parsed by FMSLightningCLI).
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]] = {
     "tune": ("run or resume a study described by a recipe", _tune_arguments),
     "agent": ("run your own training command once per decision (several agents may share a study)", _agent_arguments),
     "bench": ("benchmark methods side by side on tabulated task pools", _bench_arguments),
+    "pretrain": ("learn a prior for the surrogate from earlier studies and benchmark pools", _pretrain_arguments),
     "fit": (
         "LightningCLI fit (with --tuner fms: a study) of --model and --data given by import path; "
         "see lightning-fms fit --help",
@@ -208,6 +233,34 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _size(count: int) -> str:
+    """A byte count for people: ``"812 B"``, ``"41.3 kB"``, ``"2.06 MB"``."""
+    if count < 1000:
+        return f"{count} B"
+    return f"{count / 1e3:.1f} kB" if count < 1e6 else f"{count / 1e6:.2f} MB"
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lightning_fms.options import flag_values, option_names
+    from lightning_fms.transfer.pretrain import PretrainOptions, pretrain
+
+    options = PretrainOptions(**flag_values(args, option_names(PretrainOptions), PretrainOptions))
+    missing = [source for source in args.sources if not Path(source).exists()]
+    if missing:
+        raise FMSError(f"pretraining source {missing[0]} does not exist")
+    if Path(args.out).is_dir():
+        raise FMSError(f"--out {args.out} is a directory; give the prior file to write")
+    result = pretrain(args.sources, args.out, options, progress=not args.no_progress)
+    names = ", ".join(str(source.get("name", "?")) for source in result.sources)
+    print(
+        f"lightning-fms pretrain: wrote {result.path} ({_size(result.bytes)}) in {result.seconds:.1f} s "
+        f"from {len(result.sources)} sources ({names})"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-fms`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -227,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _agent(args, command)
         if args.command == "bench":
             return _bench(args, argv)
+        if args.command == "pretrain":
+            return _pretrain(args)
     except FMSError as error:
         print(error_line(error), file=sys.stderr)
         return EXIT_USAGE

@@ -195,6 +195,10 @@ class StudyOptions:
         "(default); see docs/concepts.md.",
         parse=_parse_frozen_layers,
     )
+    prior: str | None = option(
+        None,
+        "A prior file written by lightning-fms pretrain: fresh surrogate fits start from it (see docs/transfer.md).",
+    )
 
 
 @options_dataclass

@@ -21,7 +21,8 @@ Example (``recipes/demo.yaml``)::
 The study's options (``monitor``, ``mode``, ``budget``, ``max_epochs_per_trial``, ``seed`` at the top, the
 rest in the ``tuner:`` block) are those declared by :class:`~lightning_fms.options.StudyOptions`, validated
 against their declared types. Paths are expanded (``{cache}`` is ``$LIGHTNING_FMS_CACHE`` or
-``~/.cache/lightning_fms``, then ``~`` and ``$VARS``) and, when relative, taken from the recipe's folder.
+``~/.cache/lightning_fms``, then ``~`` and ``$VARS``) and, when relative, taken from the recipe's folder
+(``hub`` and ``tuner.prior``; a ``--prior`` flag's relative path is taken from the current directory).
 """
 
 from __future__ import annotations
@@ -56,10 +57,30 @@ RECIPE_ONLY_KEYS = (
 )
 #: Options of :class:`~lightning_fms.options.StudyOptions` that are keys of the recipe itself.
 TOP_LEVEL_OPTIONS = recipe_option_names(top_level=True)
+#: Options of the ``tuner:`` block that are paths: taken from the recipe's folder when relative (as ``hub`` is).
+PATH_OPTIONS = ("prior",)
 #: Every key a recipe may have.
 RECIPE_KEYS = frozenset((*RECIPE_ONLY_KEYS, *TOP_LEVEL_OPTIONS))
 #: Keys of the recipe's ``tuner:`` block: the other options of :class:`~lightning_fms.options.StudyOptions`.
 TUNER_KEYS = frozenset(recipe_option_names(top_level=False))
+
+
+def resolve_path(raw: str, base_dir: Path | None) -> Path:
+    """A recipe's path, expanded and, when relative, taken from ``base_dir``.
+
+    Args:
+        raw: The path as written: ``{cache}`` (``$LIGHTNING_FMS_CACHE`` or ``~/.cache/lightning_fms``), ``~`` and
+            ``$VARS`` are expanded.
+        base_dir: The recipe's folder (``None``: a relative path stays relative).
+    """
+    if "{cache}" in raw:
+        from lightning_fms.zoo.build import default_cache_dir
+
+        raw = raw.replace("{cache}", str(default_cache_dir()))
+    path = Path(os.path.expandvars(os.path.expanduser(raw)))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
 
 
 def import_object(path: str, what: str) -> Any:
@@ -137,7 +158,8 @@ class Recipe:
         Args:
             path: The recipe YAML.
             overrides: Recipe keys or options of its ``tuner:`` block (``{"budget": 4, "searcher": "gp"}``);
-                ``None`` values are ignored.
+                ``None`` values are ignored. A relative path among them (``prior``) is taken from the current
+                directory, as a command-line flag's is.
 
         Raises:
             FMSError: the file is missing, not YAML, or not a valid recipe.
@@ -157,6 +179,8 @@ class Recipe:
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
+            if key in PATH_OPTIONS and isinstance(value, str):
+                value = str(resolve_path(value, Path.cwd()))  # a flag's relative path is the shell's, not the recipe's
             if key in TUNER_KEYS:
                 merged["tuner"] = {**_mapping(merged.get("tuner"), "tuner"), key: value}
             else:
@@ -177,20 +201,14 @@ class Recipe:
         if bad:
             raise FMSError(f"unknown tuner option(s) {sorted(bad)} (known: {', '.join(sorted(TUNER_KEYS))})")
         tuner = {key: check_option(key, value) for key, value in tuner.items()}
+        for key in PATH_OPTIONS:
+            if tuner.get(key) is not None:
+                tuner[key] = str(resolve_path(tuner[key], base_dir))
         study = {key: check_option(key, data[key]) for key in TOP_LEVEL_OPTIONS if data.get(key) is not None}
         trainer = data.get("trainer") or {}
         if not isinstance(trainer, Mapping):
             raise FMSError("'trainer' must be a mapping of Trainer arguments")
-        hub_path = None
-        if data.get("hub") is not None:
-            raw = str(data["hub"])
-            if "{cache}" in raw:
-                from lightning_fms.zoo.build import default_cache_dir
-
-                raw = raw.replace("{cache}", str(default_cache_dir()))
-            hub_path = Path(os.path.expandvars(os.path.expanduser(raw)))
-            if not hub_path.is_absolute() and base_dir is not None:
-                hub_path = base_dir / hub_path
+        hub_path = resolve_path(str(data["hub"]), base_dir) if data.get("hub") is not None else None
         return cls(
             model=ClassSpec.from_value(data["model"], "model"),
             data=ClassSpec.from_value(data["data"], "data"),

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,6 +41,9 @@ from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.training.executor import EpochJob, Executor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
+
+if TYPE_CHECKING:
+    from lightning_fms.transfer.prior import Prior
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +136,19 @@ class FMSTuner:
             (off, the default), ``True`` (trainable fractions 0.25, 0.5, 1) or a list of fractions in
             ``(0, 1]``. Each decision then also picks how many layer units an epoch trains, and the
             budget counts full-epoch equivalents at the cost model of each level.
+        prior: A prior written by ``lightning-fms pretrain`` (its path, or a
+            :class:`~lightning_fms.transfer.prior.Prior`): fresh surrogate fits start from it (docs/transfer.md).
+            It must fit the searcher, featurizer, curve setting, frozen-layer setting and non-hub space (it is
+            refused in one line otherwise, before anything is written); only ``"fms"`` and ``"dyhpo"`` take
+            one. Its fingerprint is recorded with the study, which is never resumed with another prior or none.
         executor: Runs the epochs; default: an
             :class:`~lightning_fms.training.in_process.InProcessExecutor` of the factories and options above.
             Every job carries ``monitor`` and ``max_epochs_per_trial``, so an executor built with another
             monitor or cap refuses the first job (:class:`~lightning_fms.errors.FMSError`), before training.
 
     Raises:
-        FMSError: neither an executor nor both factories, or both; executor options next to an executor.
+        FMSError: neither an executor nor both factories, or both; executor options next to an executor; a prior
+            that cannot be read or does not fit (:class:`~lightning_fms.transfer.prior.PriorError`).
     """
 
     def __init__(
@@ -175,6 +184,7 @@ class FMSTuner:
         progress: bool = True,
         observers: Sequence[StudyObserver] = (),
         frozen_layers: bool | Sequence[float] | None = _DECLARED.frozen_layers,
+        prior: str | os.PathLike[str] | Prior | None = _DECLARED.prior,
         executor: Executor | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -235,6 +245,7 @@ class FMSTuner:
             frozen_layers=fractions is not None,
             promotion_probability=promotion_probability,
             max_rows=max_surrogate_rows,
+            prior=prior,
         )
         self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
         self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None

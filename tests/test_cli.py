@@ -210,7 +210,7 @@ def flags_in(tokens) -> set[str]:
     return {t.strip("[]").split("=")[0].rstrip(",.;:)") for t in tokens if t.strip("[]").startswith("--")}
 
 
-@pytest.mark.parametrize(("command", "at_least"), [("tune", 8), ("agent", 4), ("bench", 4)])
+@pytest.mark.parametrize(("command", "at_least"), [("tune", 8), ("agent", 4), ("bench", 4), ("pretrain", 0)])
 def test_every_documented_flag_spelling_still_works(command, at_least, capsys):
     from lightning_fms.cli import _parser, main
 
@@ -219,7 +219,8 @@ def test_every_documented_flag_spelling_still_works(command, at_least, capsys):
     known = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
     documented = documented_command_lines(f"lightning-fms {command}")
     assert len(documented) >= at_least
-    required = {"tune": {"--config", "--study_dir"}, "agent": {"--study_dir"}, "bench": {"--out"}}[command]
+    required = {"tune": {"--config", "--study_dir"}, "agent": {"--study_dir"}, "bench": {"--out"},
+                "pretrain": {"--from", "--out"}}[command]  # fmt: skip
     for where, tokens in documented:
         assert flags_in(tokens) <= known, where
         if required <= set(tokens) and not any("[" in t or "..." in t for t in tokens):

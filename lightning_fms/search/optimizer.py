@@ -397,6 +397,8 @@ class FreezeThawOptimizer:
         settings = {"space": self.space.to_dict(), "cap": self.cap, "mode": self.mode, "seed": self.seed}
         if self.frozen_layers is not None:
             settings["frozen_layers"] = list(self.frozen_layers.fractions)
+        if self.searcher.prior_fingerprint is not None:
+            settings["prior"] = self.searcher.prior_fingerprint
         return settings
 
     def state_dict(self) -> dict[str, Any]:
@@ -431,7 +433,8 @@ class FreezeThawOptimizer:
         """Restore a persisted study.
 
         Raises:
-            FMSError: the state belongs to a study with other settings (space, cap, mode or seed).
+            FMSError: the state belongs to a study with other settings (space, cap, mode, seed, frozen layers or
+                prior).
         """
         if state.get("version") != STATE_VERSION:
             raise FMSError(f"study state version {state.get('version')} is not supported (expected {STATE_VERSION})")
@@ -443,6 +446,8 @@ class FreezeThawOptimizer:
                     f"the study directory holds a study with another {key} ({saved.get(key)!r}); "
                     f"use a new study directory or the same settings"
                 )
+        if saved.get("prior") != mine.get("prior"):
+            raise FMSError(_prior_mismatch(saved.get("prior"), mine.get("prior")))
         self.trials = {int(d["id"]): Trial.from_dict(d) for d in state["trials"]}
         self.decisions = [dict(d) for d in state["decisions"]]
         self.epochs_spent = int(state["epochs_spent"])
@@ -496,3 +501,16 @@ class FreezeThawOptimizer:
         claimed = self.running.pop(trial_id, None)
         if claimed is not None:
             self._forget(claimed.decision)
+
+
+def _prior_mismatch(saved: str | None, mine: str | None) -> str:
+    """Why a study recorded with prior fingerprint ``saved`` cannot be resumed with ``mine`` (``None``: none)."""
+    held = "the study directory holds a study run"
+    if saved is None:
+        return f"{held} without a prior; use a new study directory or leave the prior out"
+    if mine is None:
+        return f"{held} with a prior (fingerprint {saved[:12]}); use a new study directory or give the same prior"
+    return (
+        f"{held} with another prior (fingerprint {saved[:12]}, not {mine[:12]}); "
+        "use a new study directory or give the same prior"
+    )

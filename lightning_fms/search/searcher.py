@@ -33,6 +33,8 @@ from lightning_fms.threads import torch_threads
 #: Names accepted by :func:`build_searcher` (the one list the recipe, the flags and the benchmark read): a
 #: surrogate searcher per surrogate, and random search.
 SEARCHERS: tuple[str, ...] = (*SURROGATES, "random")
+#: The searchers a prior (``lightning-fms pretrain``) can be learned for and applied to.
+PRIOR_SEARCHERS: tuple[str, ...] = ("fms", "dyhpo")
 #: Learning-curve encoders of the surrogate searchers (``build_searcher(curve=...)``).
 CURVE_ENCODERS: tuple[str, ...] = ("cnn", "none")
 #: The ``weights`` value that picks the featurizer for the searcher and space (see :func:`resolve_weights`).
@@ -85,6 +87,8 @@ class Searcher(ABC):
     """Chooses one candidate. Deterministic given the context, the candidates, the seed and its state."""
 
     uses_weights: bool = False
+    prior_fingerprint: str | None = None
+    """The fingerprint of the prior its surrogate's fits start from (``None``: none); a study records it."""
 
     @abstractmethod
     def select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int) -> Selection:
@@ -113,6 +117,8 @@ class SurrogateSearcher(Searcher):
             highest rung without consulting the surrogate (:mod:`lightning_fms.search.promotion`).
         hide_hub: Hide which hub entry a configuration starts from (its encoded columns are zero in every
             row): the paper's setting, where only the weights tell the models apart.
+        prior_fingerprint: The fingerprint of the prior applied to ``surrogate`` (``None``: none), recorded in
+            the study's settings so that a study is never resumed with another prior.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class SurrogateSearcher(Searcher):
         max_rows: int | None = DEFAULT_MAX_ROWS,
         promotion_probability: float = 0.0,
         hide_hub: bool = False,
+        prior_fingerprint: str | None = None,
     ) -> None:
         if not 0.0 <= float(promotion_probability) <= 1.0:
             raise FMSError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}")
@@ -136,6 +143,7 @@ class SurrogateSearcher(Searcher):
         self.max_rows = None if max_rows is None else int(max_rows)
         self.promotion_probability = float(promotion_probability)
         self.hide_hub = bool(hide_hub)
+        self.prior_fingerprint = prior_fingerprint
 
     def _encode(self, context: SelectionContext, specs: Sequence[RowSpec]) -> Any:
         """Encode rows for the surrogate (hub columns zeroed when the hub is hidden)."""
@@ -261,6 +269,7 @@ def build_searcher(
     hide_hub: bool = False,
     promotion_probability: float | None = None,
     max_rows: int | None = DEFAULT_MAX_ROWS,
+    prior: Any = None,
 ) -> Searcher:
     """Build a searcher by name.
 
@@ -281,24 +290,42 @@ def build_searcher(
         promotion_probability: Probability of a promotion decision; ``None``: the searcher's default
             (:data:`DEFAULT_PROMOTION_PROBABILITY`).
         max_rows: Cap on the surrogate's training rows (``None``: no cap).
+        prior: A prior written by ``lightning-fms pretrain``: a path, or a
+            :class:`~lightning_fms.transfer.prior.Prior` (not annotated as one: ``transfer/`` is a higher layer,
+            imported only when a prior is given). It is checked to fit this searcher and space, then every
+            fresh surrogate fit starts from it (:mod:`lightning_fms.transfer.apply`). Only for
+            :data:`PRIOR_SEARCHERS`.
 
     Raises:
-        FMSError: an unknown name or option.
+        FMSError: an unknown name or option; a prior that cannot be read or does not fit
+            (:class:`~lightning_fms.transfer.prior.PriorError`).
     """
     if name not in SEARCHERS:
         raise FMSError(f"unknown searcher {name!r} (expected one of {', '.join(SEARCHERS)})")
     if curve not in CURVE_ENCODERS:
         raise FMSError(f"unknown curve encoder {curve!r} (expected one of {', '.join(CURVE_ENCODERS)})")
+    if prior is not None and name not in PRIOR_SEARCHERS:
+        raise FMSError(f"a prior is for the {' or '.join(PRIOR_SEARCHERS)} searcher, not {name!r}")
     if name == "random":
         return RandomSearcher()
     weights = resolve_weights(name, space, weights)
+    if weights != "none" and name not in ("fms", "dyhpo"):
+        raise FMSError(f"weights={weights!r} needs a searcher that reads weights ('fms' or 'dyhpo'), not {name!r}")
+    if prior is not None:
+        # transfer/ sits above search/ (pretraining reads the front ends' option declaration): imported here
+        from lightning_fms.transfer.prior import Prior, check_prior_fits, load_prior
+
+        prior = prior if isinstance(prior, Prior) else load_prior(prior)
+        check_prior_fits(prior, searcher=name, weights=weights, curve=curve, frozen_layers=frozen_layers, space=space)
     featurizer = None
     if weights != "none":
-        if name not in ("fms", "dyhpo"):
-            raise FMSError(f"weights={weights!r} needs a searcher that reads weights ('fms' or 'dyhpo'), not {name!r}")
         from lightning_fms.weights import build_featurizer
 
         featurizer = build_featurizer(weights, **(featurizer_options or {}))
+    if prior is not None:
+        from lightning_fms.transfer.apply import prior_featurizer
+
+        featurizer = prior_featurizer(prior, featurizer)
     surrogate = build_surrogate(
         name,
         x_dim=space.dim + (1 if frozen_layers else 0),
@@ -308,6 +335,10 @@ def build_searcher(
         device=device,
         **(surrogate_options or {}),
     )
+    if prior is not None:
+        from lightning_fms.transfer.apply import apply_prior
+
+        apply_prior(prior, surrogate, space, frozen_layers)
     probability = promotion_probability
     if probability is None:
         probability = DEFAULT_PROMOTION_PROBABILITY.get(name, 0.0)
@@ -317,6 +348,7 @@ def build_searcher(
         max_rows=max_rows,
         promotion_probability=probability,
         hide_hub=hide_hub,
+        prior_fingerprint=prior.fingerprint if prior is not None else None,
     )
 
 
@@ -336,6 +368,7 @@ def seeded_searcher(
     hide_hub: bool = False,
     promotion_probability: float | None = None,
     max_rows: int | None = DEFAULT_MAX_ROWS,
+    prior: Any = None,
 ) -> Searcher:
     """:func:`build_searcher` whose initial parameters depend on ``seed`` only, its featurizer warmed up.
 
@@ -359,6 +392,7 @@ def seeded_searcher(
         hide_hub: As for :func:`build_searcher`.
         promotion_probability: As for :func:`build_searcher`.
         max_rows: As for :func:`build_searcher`.
+        prior: As for :func:`build_searcher`.
 
     Raises:
         FMSError: as :func:`build_searcher` and :func:`warm_featurizer`.
@@ -378,6 +412,7 @@ def seeded_searcher(
             hide_hub=hide_hub,
             promotion_probability=promotion_probability,
             max_rows=max_rows,
+            prior=prior,
         )
         if search.uses_weights and modules is not None:
             warm_featurizer(search, space, modules, weights)
