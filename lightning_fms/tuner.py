@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,9 +41,6 @@ from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.training.executor import EpochJob, Executor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
-
-if TYPE_CHECKING:
-    from lightning_fms.transfer.prior import Prior
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +181,7 @@ class FMSTuner:
         progress: bool = True,
         observers: Sequence[StudyObserver] = (),
         frozen_layers: bool | Sequence[float] | None = _DECLARED.frozen_layers,
-        prior: str | os.PathLike[str] | Prior | None = _DECLARED.prior,
+        prior: str | os.PathLike[str] | Any | None = _DECLARED.prior,
         executor: Executor | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:

@@ -155,7 +155,6 @@ LAYERS: list[set[str]] = [
     {"training"},
     {"study", "zoo"},
     {"observer", "progress", "sweep", "options"},
-    {"transfer"},
     {"tuner", "agent", "recipe", "cli_trials", "loggers"},
     {"lightning_cli", "bench", "testing"},
     {"transfer"},  # reads benchmark pools and study directories; the search layer and the bench reach it lazily
