@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 from safetensors import safe_open
@@ -53,7 +54,12 @@ def module_description(module: nn.Module, sha256: str | None = None) -> dict[str
 
 
 def _file_name(key: SnapshotKey) -> str:
-    return "-".join(str(part) for part in key) + ".safetensors"
+    """The file of a key: ``trial-3-2.safetensors``, ``hub-cnn-s.safetensors``.
+
+    The parts are joined by ``-``, each percent-encoded where it is not a letter, digit or one of ``_.-~`` (a hub
+    entry named by a weights file's path stays one file in the folder).
+    """
+    return "-".join(quote(str(part), safe="") for part in key) + ".safetensors"
 
 
 class WeightSnapshots:

@@ -75,3 +75,12 @@ def test_a_description_is_stored_in_the_file_and_read_back_by_a_new_store(tmp_pa
     memory = WeightSnapshots(None)
     memory.put(("hub", "cnn-s"), module.state_dict(), description=description)
     assert memory.description(("hub", "cnn-s")) == description and memory.path(("hub", "cnn-s")) is None
+
+
+def test_a_hub_entry_named_by_a_path_is_one_file_in_the_folder(tmp_path):
+    key = ("hub", "weights/mlp-s.safetensors")
+    WeightSnapshots(tmp_path).put(key, state(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["hub-weights%2Fmlp-s.safetensors.safetensors"]
+    again = WeightSnapshots(tmp_path)
+    assert key in again and torch.equal(again.get(key)["w"], state(3)["w"])
+    assert again.path(("trial", 2, 1)) == tmp_path / "trial-2-1.safetensors"
