@@ -224,7 +224,7 @@ def pretrained_snapshot(snapshots: WeightSnapshots, entry: str) -> PretrainedTen
     names = description.get("parameters") if description is not None else None
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise FMSError(
-            f"{where} of hub entry {entry!r}'s pretrained weights is missing or does not name its parameters "
+            f"{where} (the pretrained weights of hub entry {entry!r}) is missing or does not name its parameters "
             "(studies of older versions lack it: resume the study once with lightning-fms tune to add it)"
         )
     return PretrainedTensors(names, snapshots.get(key), where)

@@ -464,7 +464,7 @@ def _why_no_weights(
     missing = [entry for entry in used if not ids.get(entry)]
     if missing:
         return (
-            f"study directory {path} has no snapshot of hub entry {missing[0]!r}'s pretrained weights "
+            f"study directory {path} has no snapshot of the pretrained weights of hub entry {missing[0]!r} "
             f"({snapshots.path(('hub', missing[0]))}; studies of older versions lack it: resume the study once with "
             "lightning-fms tune to add it, or read it without weights)"
         )
