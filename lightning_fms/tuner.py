@@ -37,7 +37,7 @@ from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
-from lightning_fms.study.snapshots import WeightSnapshots
+from lightning_fms.study.snapshots import WeightSnapshots, module_description
 from lightning_fms.training.executor import EpochJob, Executor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
@@ -292,6 +292,24 @@ class FMSTuner:
         self._modules[key] = module
         return module
 
+    def _store_pretrained_snapshots(self) -> None:
+        """Keep each hub entry's pretrained weights (``W_0``) once in the study's snapshots, as ``("hub", entry)``.
+
+        The file's metadata describes the module (:func:`~lightning_fms.study.snapshots.module_description`), so
+        the study directory alone gives every snapshot's weight features against its run's ``W_0``
+        (:mod:`lightning_fms.transfer.sources`). Nothing to do when the study records no weights.
+        """
+        if self.snapshots is None or self.space.hub_key is None:
+            return
+        names = set(self.hub.names) if self.hub is not None else set()
+        for entry in getattr(self.space[self.space.hub_key], "choices", ()):
+            key = ("hub", str(entry))
+            if key in self.snapshots:
+                continue
+            module = self._module_for(key, {self.space.hub_key: entry})
+            sha256 = self.hub.entry(str(entry)).sha256 if self.hub is not None and str(entry) in names else None
+            self.snapshots.put(key, module.state_dict(), description=module_description(module, sha256))
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> TuneResult:
         """Run (or resume) the study until the budget is spent.
@@ -302,6 +320,7 @@ class FMSTuner:
         self.study.lock()
         try:
             self._restore()
+            self._store_pretrained_snapshots()
             for observer in self.observers:
                 observer.on_study_start(self.ledger.view(self.optimizer))
             display = StudyProgress(self.optimizer.budget, enabled=self.progress)

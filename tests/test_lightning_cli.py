@@ -209,9 +209,11 @@ def test_hub_weight_files_feed_the_featurizer(make_cli, tmp_path, fast_tuner_fla
                    "--tuner.max_epochs_key", "model.max_epochs", "--tuner.weights", "stats",
                    *fast_tuner_flags)  # fmt: skip
     assert cli.tune_result is not None and cli.tune_result.epochs_spent == 4
-    # every trained epoch left a weight snapshot for the featurizer, as safetensors
-    snapshots = sorted(p.name for p in (study / "weights").glob("*.safetensors"))
+    # every trained epoch left a weight snapshot for the featurizer, as safetensors, and so did each hub choice's
+    # pretrained weights
+    snapshots = sorted(p.name for p in (study / "weights").glob("trial-*.safetensors"))
     assert len(snapshots) == 4
+    assert list((study / "weights").glob("hub-*.safetensors"))
     assert cli.tune_result.best_value is not None
 
 

@@ -172,9 +172,14 @@ def test_fms_study_with_weights_resumes_with_the_same_decisions(make_tuner, tmp_
     resumed.run()
     key = lambda d: (d["trial"], d["epoch"], d["value"])  # noqa: E731
     assert [key(d) for d in resumed.optimizer.decisions] == [key(d) for d in straight.optimizer.decisions]
-    # snapshots of every trained epoch are on disk for the featurizer, never pickled
+    # snapshots of every trained epoch, and each hub entry's pretrained weights once, are on disk for the
+    # featurizer, never pickled
     snapshots = sorted(p.name for p in (tmp_path / "split/weights").iterdir())
-    assert len(snapshots) == 9 and all(name.endswith(".safetensors") for name in snapshots)
+    assert all(name.endswith(".safetensors") for name in snapshots)
+    assert len([name for name in snapshots if name.startswith("trial-")]) == 9
+    assert [name for name in snapshots if name.startswith("hub-")] == sorted(
+        f"hub-{entry}.safetensors" for entry in resumed.space["hub"].choices
+    )
 
 
 def test_featurizer_that_cannot_read_the_hub_is_refused_before_training(make_tuner, tmp_path):

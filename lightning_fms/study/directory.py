@@ -10,7 +10,7 @@ Layout::
       results.json, trajectory.csv, regret.png
       best.ckpt          checkpoint of the best epoch so far
       trials/<id>/       epoch-<k>.ckpt (a paused trial's newest checkpoint), logs/ (Lightning CSV logs)
-      weights/           weight snapshots for the featurizer (safetensors)
+      weights/           weight snapshots for the featurizer (safetensors): trial-<id>-<epoch>, hub-<entry>
 
 Every file is written with :mod:`lightning_fms.atomic`, so a process killed at any moment leaves
 either the old or the new file, never a torn one. Which checkpoints exist is the ledger's business

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_fms.errors import CheckpointError
-from lightning_fms.study.snapshots import WeightSnapshots
+from lightning_fms.study.snapshots import WeightSnapshots, module_description
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -54,3 +54,33 @@ def test_a_corrupt_snapshot_is_a_checkpoint_error_naming_the_file(tmp_path):
     path.write_bytes(b"\x00\x01not safetensors")
     with pytest.raises(CheckpointError, match=path.name):
         WeightSnapshots(tmp_path).get(("trial", 0, 1))
+
+
+def test_a_description_is_stored_in_the_file_and_read_back_by_a_new_store(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    description = module_description(module, sha256="ab" * 32)
+    assert description == {
+        "parameters": ["0.weight", "0.bias", "1.weight", "1.bias"],
+        "floating_buffers": ["1.running_mean", "1.running_var"],
+        "sha256": "ab" * 32,
+    }
+    WeightSnapshots(tmp_path).put(("hub", "cnn-s"), module.state_dict(), description=description)
+    WeightSnapshots(tmp_path).put(("trial", 0, 1), state(0))
+    again = WeightSnapshots(tmp_path)
+    assert again.description(("hub", "cnn-s")) == description
+    assert again.description(("trial", 0, 1)) is None
+    assert set(again.get(("hub", "cnn-s"))) == set(module.state_dict())
+    with pytest.raises(KeyError):
+        again.description(("hub", "mlp-s"))
+    memory = WeightSnapshots(None)
+    memory.put(("hub", "cnn-s"), module.state_dict(), description=description)
+    assert memory.description(("hub", "cnn-s")) == description and memory.path(("hub", "cnn-s")) is None
+
+
+def test_a_hub_entry_named_by_a_path_is_one_file_in_the_folder(tmp_path):
+    key = ("hub", "weights/mlp-s.safetensors")
+    WeightSnapshots(tmp_path).put(key, state(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["hub-weights%2Fmlp-s.safetensors.safetensors"]
+    again = WeightSnapshots(tmp_path)
+    assert key in again and torch.equal(again.get(key)["w"], state(3)["w"])
+    assert again.path(("trial", 2, 1)) == tmp_path / "trial-2-1.safetensors"

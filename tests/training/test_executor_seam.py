@@ -71,7 +71,8 @@ def test_the_tuner_runs_an_executor_of_its_own_kind(hub, tmp_path, fast_surrogat
     decisions = tuner.optimizer.decisions
     assert [(job.trial_id, job.epoch) for job in executor.jobs] == [(d["trial"], d["epoch"]) for d in decisions]
     assert {(job.monitor, job.cap) for job in executor.jobs} == {("val_acc", 2)}  # the tuner's, on every job
-    assert len(list((tmp_path / "study" / "weights").glob("*.safetensors"))) == len(executor.jobs)
+    assert len(list((tmp_path / "study" / "weights").glob("trial-*.safetensors"))) == len(executor.jobs)
+    assert len(list((tmp_path / "study" / "weights").glob("hub-*.safetensors"))) == 2  # the space's entries
 
 
 def test_without_a_featurizer_no_weights_are_asked_for(hub, tmp_path):
