@@ -190,5 +190,5 @@ def test_modules_import_only_from_lower_layers():
 
 def test_the_layer_check_sees_an_upward_import():
     assert layer_violations({"lightning_fms.search.optimizer": {"lightning_fms.tuner"}}) == [
-        "lightning_fms.search.optimizer (layer 3) imports lightning_fms.tuner (layer 9)"
+        "lightning_fms.search.optimizer (layer 3) imports lightning_fms.tuner (layer 8)"
     ]

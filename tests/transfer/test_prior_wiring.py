@@ -24,8 +24,6 @@ from lightning_fms.search.space import SearchSpace
 from lightning_fms.surrogate import build_surrogate
 from lightning_fms.transfer.prior import Prior, PriorError, save_prior
 
-NOT_BUILT = "apply_prior is not built yet (lightning_fms/transfer/apply.py raises NotImplementedError)"
-
 
 def one_line_error(stderr: str) -> str:
     """The one ``lightning-fms: error:`` line of a refused command (and no traceback)."""
@@ -67,10 +65,7 @@ def test_build_searcher_reads_the_path_and_checks_the_prior_before_building(make
 
 def test_a_fitting_prior_gives_the_searcher_its_fingerprint(make_prior, recipe_space):
     prior = make_prior()
-    try:
-        search = build_searcher("dyhpo", recipe_space, cap=3, device="cpu", prior=prior)
-    except NotImplementedError:
-        pytest.skip(NOT_BUILT)
+    search = build_searcher("dyhpo", recipe_space, cap=3, device="cpu", prior=prior)
     assert search.prior_fingerprint == prior.fingerprint
     assert build_searcher("dyhpo", recipe_space, cap=3, device="cpu").prior_fingerprint is None
 
@@ -207,10 +202,7 @@ def test_a_study_with_a_prior_keeps_it(finished_study, write_recipe, make_prior,
     recipe, study = finished_study
     prior = save_prior(make_prior(), tmp_path / "p.safetensors")
     before = snapshot(study, skip=(".lock",))  # the lock file holds the pid of the last process that opened it
-    try:
-        tuner = Recipe.from_yaml(recipe, {"prior": str(prior)}).build_tuner(study, progress=False)
-    except NotImplementedError:
-        pytest.skip(NOT_BUILT)
+    tuner = Recipe.from_yaml(recipe, {"prior": str(prior)}).build_tuner(study, progress=False)
     with pytest.raises(FMSError, match="holds a study run without a prior"):
         tuner.run()
     assert snapshot(study, skip=(".lock",)) == before
