@@ -7,6 +7,7 @@ directories (:mod:`~lightning_fms.transfer.sources`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -302,7 +303,7 @@ def pretrain(
             "library_version": _version(),
         },
     }
-    path = save_prior(Prior(tensors=tensors, metadata=metadata), out_path)
+    path = save_prior(Prior(tensors=tensors, metadata=_json_safe(metadata)), out_path)
     return PretrainResult(
         path=path,
         bytes=path.stat().st_size,
@@ -316,6 +317,17 @@ def pretrain(
             else [trunk_result.validation_mse_without_weights, trunk_result.best_validation_mse],
         },
     )
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _version() -> str:
