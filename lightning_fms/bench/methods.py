@@ -37,11 +37,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from lightning_fms.atomic import sha256_file
 from lightning_fms.bench import peers
 from lightning_fms.bench.ledger import BudgetSpent, Ledger
 from lightning_fms.bench.metrics import rank_correlation, to_scores
@@ -165,6 +167,8 @@ class RunOptions:
         featurizer_options: Keyword arguments of the featurizer.
         num_fresh_candidates: Fresh pool configurations scored per decision.
         num_startup_trials: Random configurations started before the searcher is consulted.
+        prior: The prior file of the methods that use one (``*-prior``; set per held-out task by the runner's
+            leave-one-task-out protocol, :mod:`lightning_fms.bench.transfer`); ignored by the other methods.
     """
 
     surrogate_options: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +177,7 @@ class RunOptions:
     featurizer_options: dict[str, Any] = field(default_factory=dict)
     num_fresh_candidates: int = field(default_factory=lambda: declared_default("num_fresh_candidates"))
     num_startup_trials: int = field(default_factory=lambda: declared_default("num_startup_trials"))
+    prior: str | None = None
 
     def options_for(self, searcher: str) -> dict[str, Any]:
         """The surrogate keyword arguments of a searcher (``{}`` for one without a surrogate)."""
@@ -188,6 +193,7 @@ class RunOptions:
             "featurizer_options": dict(self.featurizer_options or {}),
             "num_fresh_candidates": self.num_fresh_candidates,
             "num_startup_trials": self.num_startup_trials,
+            "prior": None if self.prior is None else sha256_file(Path(self.prior)),
         }
 
 
@@ -236,6 +242,8 @@ class MethodSpec:
         forecasts: Whether the method has a surrogate whose forecasts get a Kendall tau.
         run: Spends the ledger's budget.
         choice: For a freeze-thaw method, what it runs (a function, called at run time); ``None`` for the peers.
+        prior_kind: For a method that starts from a prior pretrained on the other tasks, the prior's kind (a key
+            of :data:`lightning_fms.bench.transfer.PRIOR_KINDS`); ``None`` otherwise.
     """
 
     name: str
@@ -243,6 +251,7 @@ class MethodSpec:
     forecasts: bool
     run: MethodFn
     choice: Callable[[], FreezeThawChoice] | None = None
+    prior_kind: str | None = None
 
     def describe(self) -> str:
         """The one-line description."""
@@ -280,9 +289,11 @@ class PoolModules:
         return module
 
 
-def _freeze_thaw(choose: Callable[[], FreezeThawChoice]) -> MethodFn:
+def _freeze_thaw(choose: Callable[[], FreezeThawChoice], uses_prior: bool = False) -> MethodFn:
     def run(pool: Pool, ledger: Ledger, seed: int, options: RunOptions, check: Callable[[Any], None]) -> None:
-        _run_optimizer(pool, ledger, seed, options, check, choose())
+        if uses_prior and options.prior is None:
+            raise FMSError("a *-prior method needs a prior: run it through the benchmark's leave-one-task-out protocol")
+        _run_optimizer(pool, ledger, seed, options, check, choose(), options.prior if uses_prior else None)
 
     return run
 
@@ -294,6 +305,7 @@ def _run_optimizer(
     options: RunOptions,
     check: Callable[[Any], None],
     choice: FreezeThawChoice,
+    prior: str | None = None,
 ) -> None:
     """Run :class:`FreezeThawOptimizer` on the pool: ask, look the epoch up, tell."""
     space = pool.space
@@ -315,6 +327,7 @@ def _run_optimizer(
             surrogate_options=options.options_for(choice.searcher),
             featurizer_options=options.featurizer_options,
             hide_hub=choice.hide_hub,
+            prior=prior,
         )
     # a per-seed order of the pool: the optimizer offers the first of a random subset of not-yet-started
     # configurations, so the list order must not carry structure (pools may be built grouped by hub entry)
@@ -405,6 +418,25 @@ def _spec_table() -> dict[str, MethodSpec]:
             choice = FreezeThawChoice(searcher, hide_hub=hidden)
             regime = "hub entry hidden from the surrogate (the paper's setting)" if hidden else "hub entry visible"
             table[name] = MethodSpec(name, f"{text}; {regime}", True, _freeze_thaw(_fixed(choice)), _fixed(choice))
+    prior_text = "pretrained on the other tasks' pools only (leave one task out)"
+    for name, kind, choose, text in (
+        ("fms-prior", "fms", FreezeThawChoice.library_default, "the library default (searcher fms, weights auto)"),
+        ("fms-noweights-prior", "fms-noweights", _fixed(FreezeThawChoice("fms", "none")), "fms without weights"),
+        (
+            "dyhpo-prior",
+            "dyhpo",
+            _fixed(FreezeThawChoice("dyhpo")),
+            "DyHPO's deep kernel, meta-trained without weights",
+        ),
+    ):
+        table[name] = MethodSpec(
+            name,
+            f"{text}, every fresh surrogate fit starting from a prior {prior_text}; hub entry visible",
+            True,
+            _freeze_thaw(choose, uses_prior=True),
+            choose,
+            prior_kind=kind,
+        )
     random_choice = FreezeThawChoice("random")
     table["random"] = MethodSpec(
         "random",

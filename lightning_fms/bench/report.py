@@ -31,6 +31,7 @@ from lightning_fms.atomic import atomic_write_bytes, atomic_write_text
 from lightning_fms.bench.comparison import compare_kendall, compare_on_task, goal
 from lightning_fms.bench.methods import BASELINES, METHODS, REFERENCE_METHOD
 from lightning_fms.bench.metrics import epochs_grid, mean_ci, step_resample, wall_grid
+from lightning_fms.bench.transfer_report import transfer_section
 from lightning_fms.extras import import_optional
 
 #: Regret 0 is drawn at this value on log axes.
@@ -471,6 +472,7 @@ def write_report(
     ]
     lines += _methods_section(meta.methods)
     lines += _comparison_section(data, kendall, meta)
+    lines += transfer_section(data, kendall, meta.methods, [t["name"] for t in meta.tasks], meta.budget)
     if meta.exhausted:
         lines += ["", f"Runs that ran out of trainable epochs before the budget: {', '.join(meta.exhausted)}."]
     for task in meta.tasks:

@@ -30,7 +30,7 @@ import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,53 @@ def _collect_notes(runs: Sequence[MethodRun]) -> dict[str, dict[str, list[str]]]
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+def _leave_one_out_priors(
+    names: Sequence[str],
+    items: Sequence[Pool | PoolSource],
+    loaded: Sequence[Pool],
+    fingerprints: Mapping[str, str],
+    out: Path,
+    say: Callable[[str], Any],
+    prior_options: Mapping[str, Any] | None = None,
+) -> dict[tuple[str, str], str]:
+    """``(prior kind, held-out task) -> prior file`` for the methods that use a prior (pretrained now if missing)."""
+    kinds = sorted({kind for kind in (METHODS[m].prior_kind for m in names) if kind is not None})
+    if not kinds:
+        return {}
+    from lightning_fms.bench.transfer import leave_one_out_prior
+
+    sources: dict[str, str] = {}
+    cache_dirs: set[str | None] = set()
+    for item, pool in zip(items, loaded, strict=True):
+        if isinstance(item, PoolSource):
+            sources[pool.name] = item.task_file
+            cache_dirs.add(item.cache_dir)
+        elif pool.meta.get("folder"):
+            sources[pool.name] = str(pool.meta["folder"])
+            cache_dirs.add(str(Path(pool.meta["folder"]).parents[2]))  # {cache}/bench/pools/{name}
+        else:
+            raise FMSError(
+                f"the *-prior methods pretrain on the other tasks' pools; task {pool.name!r} has no pool folder"
+            )
+    cache_dir = next(iter(cache_dirs)) if len(cache_dirs) == 1 else None
+    return {
+        (kind, pool.name): str(
+            leave_one_out_prior(
+                kind,
+                pool.name,
+                sources,
+                dict(fingerprints),
+                out,
+                cache_dir=cache_dir,
+                say=say,
+                overrides=dict(prior_options or {}),
+            )
+        )
+        for kind in kinds
+        for pool in loaded
+    }
+
+
 def run_bench(
     pools: Sequence[Pool | PoolSource],
     methods: Sequence[str] | None = None,
@@ -289,6 +336,7 @@ def run_bench(
     *,
     options: RunOptions | None = None,
     command: str | None = None,
+    prior_options: Mapping[str, Any] | None = None,
 ) -> BenchResult:
     """Run each method with each seed on each pool (cached, resumable), then write the tables and the report.
 
@@ -304,6 +352,8 @@ def run_bench(
         progress: Called with one line per finished run (``None``: silent).
         options: Surrogate options of the forecasting methods.
         command: The command line, for the report.
+        prior_options: Pretraining options (:class:`~lightning_fms.transfer.pretrain.PretrainOptions` fields) of
+            the leave-one-task-out priors of the ``*-prior`` methods, beyond each prior kind's own.
 
     Returns:
         What was run and written.
@@ -338,19 +388,22 @@ def run_bench(
             )
     by_name = dict(zip(task_names, loaded, strict=True))
     fingerprints = {p.name: pool_fingerprint(p) for p in loaded}
+    priors = _leave_one_out_priors(names, pools, loaded, fingerprints, out, say, prior_options)
 
     runs: dict[tuple[str, str, int], MethodRun] = {}
     todo: list[_Job] = []
     for seed in seed_list:  # seed-major: an interrupted run leaves whole seeds done, for every task and method
         for pool in loaded:
             for method in names:
-                settings = _settings(method, budget, kendall_at, options, fingerprints[pool.name])
+                kind = METHODS[method].prior_kind
+                job_options = options if kind is None else replace(options, prior=priors[(kind, pool.name)])
+                settings = _settings(method, budget, kendall_at, job_options, fingerprints[pool.name])
                 path = run_path(out, pool.name, method, seed)
                 cached = _load_cached(path, settings)
                 if cached is not None:
                     runs[(pool.name, method, seed)] = cached
                 else:
-                    job = _Job(pool.name, method, seed, budget, tuple(kendall_at), options, settings, str(path))
+                    job = _Job(pool.name, method, seed, budget, tuple(kendall_at), job_options, settings, str(path))
                     todo.append(job)
     total = len(runs) + len(todo)
     if runs:
