@@ -193,7 +193,8 @@ class RunOptions:
             "featurizer_options": dict(self.featurizer_options or {}),
             "num_fresh_candidates": self.num_fresh_candidates,
             "num_startup_trials": self.num_startup_trials,
-            "prior": None if self.prior is None else sha256_file(Path(self.prior)),
+            # only with a prior: a run without one keeps the settings (and the cache) it had before priors existed
+            **({} if self.prior is None else {"prior": sha256_file(Path(self.prior))}),
         }
 
 
