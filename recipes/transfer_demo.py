@@ -3,10 +3,10 @@
 Runs, in order (each a plain ``lightning-fms`` command, printed before it runs; finished studies are resumed, so a
 rerun skips what is done)::
 
-    lightning-fms tune --config recipes/demo.yaml --study_dir OUT/digits-S --seed S            (S = 0, 1)
-    lightning-fms pretrain --from OUT/digits-0 OUT/digits-1 --out OUT/digits-prior.safetensors
-    lightning-fms tune --config recipes/demo_mnist.yaml --study_dir OUT/mnist-S --seed S       (S = 0 .. N-1)
-    lightning-fms tune ... --study_dir OUT/mnist-prior-S --seed S --prior OUT/digits-prior.safetensors
+    lightning-fms tune --config recipes/demo.yaml --study_dir OUT/digits-0 --seed 0            (and seed 1)
+    lightning-fms pretrain --from OUT/digits-0 OUT/digits-1 --out OUT/p.st
+    lightning-fms tune --config recipes/demo_mnist.yaml --study_dir OUT/mnist-0 --seed 0       (seeds 0 .. N-1)
+    lightning-fms tune --config recipes/demo_mnist.yaml --study_dir OUT/mnist-prior-0 --seed 0 --prior OUT/p.st
 
 and prints, per seed, the best validation value without the prior after the budget, and how many epochs each
 study needed to reach it (``-`` if it never did): ``python recipes/transfer_demo.py --out runs/transfer-demo``.
