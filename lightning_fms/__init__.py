@@ -13,7 +13,8 @@ cheap: it imports no CLI parser, W&B, rich or plotting code. The layers, from th
 * :mod:`lightning_fms.training` — where an epoch runs (executor, callback, trial seeder);
 * :mod:`lightning_fms.study` — the study directory, its ledger, snapshots and reports;
 * the front ends: :mod:`~lightning_fms.tuner`, :mod:`~lightning_fms.agent`, :mod:`~lightning_fms.recipe`,
-  :mod:`~lightning_fms.cli`, :mod:`~lightning_fms.lightning_cli`.
+  :mod:`~lightning_fms.cli`, :mod:`~lightning_fms.lightning_cli`;
+* :mod:`lightning_fms.transfer` — priors learned from earlier studies (``pretrain``, ``load_prior``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ _EXPORTS: dict[str, str] = {
     "TunerOptions": "lightning_fms.options",
     "WandbOptions": "lightning_fms.options",
     "WandbStudyLogger": "lightning_fms.loggers",
+    "Prior": "lightning_fms.transfer.prior",
+    "PriorError": "lightning_fms.transfer.prior",
+    "load_prior": "lightning_fms.transfer.prior",
+    "PretrainOptions": "lightning_fms.transfer.pretrain",
+    "PretrainResult": "lightning_fms.transfer.pretrain",
+    "pretrain": "lightning_fms.transfer.pretrain",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -100,4 +107,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
     from lightning_fms.training.in_process import InProcessExecutor
     from lightning_fms.training.seeder import TrialSeeder
+    from lightning_fms.transfer.pretrain import PretrainOptions, PretrainResult, pretrain
+    from lightning_fms.transfer.prior import Prior, PriorError, load_prior
     from lightning_fms.tuner import FMSTuner, TuneResult, load_best_weights
