@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase, check_finite, cpu_state_dict
+from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase
 from lightning_fms.surrogate.feature_extractor import WeightsBranch
+from lightning_fms.surrogate.numerics import check_finite, cpu_state_dict
 from lightning_fms.surrogate.target_warp import RankWarp
 
 #: Learning-curve features per row: last value, best value, last change, has-a-curve flag.

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase, check_finite
+from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase
 from lightning_fms.surrogate.feature_extractor import FeatureExtractor, WeightsBranch, pack_rows
+from lightning_fms.surrogate.numerics import check_finite
 
 
 class DeepKernelSurrogate(ExactGPSurrogateBase):

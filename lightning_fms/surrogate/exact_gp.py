@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import Surrogate, SurrogateRows
 from lightning_fms.surrogate.numerics import (
-    MAX_CHOLESKY_SIZE,
     check_finite,
     cpu_state_dict,
     gp_settings,
@@ -532,17 +531,10 @@ class ExactGPSurrogateBase(Surrogate):
 
 
 __all__ = [
-    "MAX_CHOLESKY_SIZE",
     "MIN_VARIANCE",
     "NUMERICAL_ERRORS",
     "RECOVERY_JITTER",
     "ExactGPModel",
     "ExactGPSurrogateBase",
     "NumericalFailure",
-    "check_finite",
-    "cpu_state_dict",
-    "gp_settings",
-    "resolve_device",
-    "seeded",
-    "standardiser",
 ]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.surrogate.exact_gp import cpu_state_dict
+from lightning_fms.surrogate.numerics import cpu_state_dict
 
 
 def pack_rows(

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_fms.surrogate._base import SurrogateRows
-from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase, gp_settings, seeded, standardiser
+from lightning_fms.surrogate.exact_gp import ExactGPModel, ExactGPSurrogateBase
+from lightning_fms.surrogate.numerics import gp_settings, seeded, standardiser
 from lightning_fms.transfer.layout import assemble, split, trainable_state
 
 #: ``x_dim -> surrogate``: builds the surrogate being meta-trained for a task's space.
