@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
-import yaml
 
-from lightning_fms.bench.pool import build_pool, pool_dir
+from lightning_fms.bench.pool import pool_dir
 from lightning_fms.bench.runner import PoolSource, pool_fingerprint, run_bench
 from lightning_fms.bench.task import BenchTask
 from lightning_fms.bench.transfer import leave_one_out_prior
 from lightning_fms.errors import FMSError
+from lightning_fms.testing.pools import build_tiny_pools
 from lightning_fms.transfer.prior import load_prior
 from lightning_fms.transfer.sources import read_source
 
@@ -24,23 +23,13 @@ def three_tasks(make_recipe, tmp_path_factory):
     """Three real tiny pools (4 configurations x 3 epochs) of the tiny hub, told apart by their pool seed."""
     root = tmp_path_factory.mktemp("loo")
     cache = root / "cache"
-    tasks = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for seed, name in enumerate(("alpha", "beta", "gamma")):
-            data = make_recipe(max_epochs_per_trial=3)
-            data["data"]["init_args"]["test_fraction"] = 0.25
-            data["name"] = name
-            data["pool"] = {"size": 4, "epochs": 3, "seed": seed}
-            path = root / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(data))
-            task = BenchTask.from_file(path)
-            build_pool(task, cache_dir=cache)
-            tasks[name] = (task, path)
-    finally:
-        torch.set_num_threads(previous)
-    return tasks, cache
+    recipes = {}
+    for seed, name in enumerate(("alpha", "beta", "gamma")):
+        data = make_recipe(max_epochs_per_trial=3)
+        data["data"]["init_args"]["test_fraction"] = 0.25
+        recipes[name] = {**data, "pool": {"size": 4, "epochs": 3, "seed": seed}}
+    paths = build_tiny_pools(recipes, root, cache)
+    return {name: (BenchTask.from_file(path), path) for name, path in paths.items()}, cache
 
 
 def _sources(tasks):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
 from lightning_fms import FMSTuner, SearchSpace
-from lightning_fms.bench.pool import build_pool
-from lightning_fms.bench.task import BenchTask
 from lightning_fms.errors import FMSError
+from lightning_fms.testing.pools import build_tiny_pools
 from lightning_fms.transfer.pretrain import PretrainOptions, pretrain
 from lightning_fms.transfer.prior import load_prior
 from lightning_fms.transfer.sources import read_source
@@ -29,27 +27,14 @@ def two_pools(make_recipe, tmp_path_factory):
     """Two real tiny pools (4 configurations x 3 epochs) of the tiny hub, and a third task over another space."""
     root = tmp_path_factory.mktemp("pretrain")
     cache = root / "cache"
-    paths = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for seed, name in enumerate(("first", "second")):
-            data = make_recipe(max_epochs_per_trial=3)
-            data["data"]["init_args"]["test_fraction"] = 0.25
-            data.update(name=name, pool={"size": 4, "epochs": 3, "seed": seed})
-            paths[name] = root / f"{name}.yaml"
-            paths[name].write_text(yaml.safe_dump(data))
-            build_pool(BenchTask.from_file(paths[name]), cache_dir=cache)
-        other = make_recipe(max_epochs_per_trial=3)
-        other["data"]["init_args"]["test_fraction"] = 0.25
-        other["space"] = {**other["space"], "model.lr": {"type": "float", "low": 1e-4, "high": 0.3, "log": True}}
-        other.update(name="other", pool={"size": 4, "epochs": 3, "seed": 2})
-        paths["other"] = root / "other.yaml"
-        paths["other"].write_text(yaml.safe_dump(other))
-        build_pool(BenchTask.from_file(paths["other"]), cache_dir=cache)
-    finally:
-        torch.set_num_threads(previous)
-    return paths, cache
+    recipes = {}
+    for seed, name in enumerate(("first", "second", "other")):
+        data = make_recipe(max_epochs_per_trial=3)
+        data["data"]["init_args"]["test_fraction"] = 0.25
+        if name == "other":
+            data["space"] = {**data["space"], "model.lr": {"type": "float", "low": 1e-4, "high": 0.3, "log": True}}
+        recipes[name] = {**data, "pool": {"size": 4, "epochs": 3, "seed": seed}}
+    return build_tiny_pools(recipes, root, cache), cache
 
 
 def test_pretrain_writes_a_prior_of_what_it_read(two_pools, tmp_path):
