@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_fms.errors import FMSError
 from lightning_fms.options import option, options_dataclass
 from lightning_fms.surrogate._base import SurrogateRows
+from lightning_fms.threads import torch_threads
 from lightning_fms.transfer.apply import SURROGATE_PREFIX, TRUNK_PREFIX
 from lightning_fms.transfer.lookahead import PretrainedFeaturizer, lookahead_task, pretrain_trunk
 from lightning_fms.transfer.meta_train import MetaTask, SurrogateFactory, meta_train
@@ -53,6 +54,12 @@ class PretrainOptions:
         minimum=0,
     )
     seed: int = option(0, "Seeds the sampling of tasks and rows and every initialisation.", minimum=0)
+    threads: int | None = option(
+        1,
+        "torch threads while training (the models are small: on a 2-core machine one thread was several times "
+        "faster than two whenever another process competed for the cores); null: torch's setting.",
+        minimum=1,
+    )
     cache_dir: str | None = option(None, "Where pools and computed weight features are cached.")
 
 
@@ -221,7 +228,7 @@ def pretrain(
     training = [n for n in names if n != validation_name] or names
     trunk_steps = options.trunk_steps if weights != "none" else 0
     total = trunk_steps + options.steps
-    with _Progress(progress, total) as bar:
+    with _Progress(progress, total) as bar, torch_threads(options.threads):
         trunk_result = None
         features: dict[str, Tensor | None] = {n: (rows[n].weights if weights != "none" else None) for n in names}
         if trunk_steps > 0:
