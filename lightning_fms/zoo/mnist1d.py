@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_fms.errors import FMSError
-from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule
+from lightning_fms.zoo.digits import TASK_DIGITS, DigitsDataModule, task_subset
 
 MNIST1D_SAMPLES = 5000
 """Signals generated (500 per digit template)."""
@@ -73,12 +73,9 @@ def load_mnist1d_task(task: str = "target") -> tuple[Tensor, Tensor]:
         FMSError: mnist1d is not installed.
 
     """
-    if task not in TASK_DIGITS:
+    if task not in TASK_DIGITS:  # before the data set is loaded (and, the first time, generated or read)
         raise ValueError(f"unknown MNIST-1D task {task!r}; choose one of {sorted(TASK_DIGITS)}")
-    images, digits = _mnist1d_8x8()
-    wanted = torch.tensor(TASK_DIGITS[task])
-    keep = torch.isin(digits, wanted)
-    return images[keep].clone(), torch.searchsorted(wanted, digits[keep])
+    return task_subset(*_mnist1d_8x8(), task, "MNIST-1D")
 
 
 class Mnist1dDataModule(DigitsDataModule):
