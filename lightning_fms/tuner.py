@@ -29,6 +29,7 @@ from lightning_fms.frozen.levels import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
 from lightning_fms.options import FALLBACK_MODE, StudyOptions
+from lightning_fms.parallel.driver import ConcurrentDriver
 from lightning_fms.parallel.protocol import is_concurrent
 from lightning_fms.progress import StudyProgress
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
@@ -336,9 +337,7 @@ class FMSTuner:
             with display:
                 display.update(self.optimizer, self.best_label())
                 if is_concurrent(self.executor):
-                    from lightning_fms.parallel.driver import ConcurrentDriver
-
-                    ConcurrentDriver(self, self.executor).run(display)  # type: ignore[arg-type]
+                    ConcurrentDriver(self, self.executor).run(display)
                 else:
                     while (suggestion := self.optimizer.ask()) is not None:
                         self._run_one(suggestion)

@@ -155,7 +155,7 @@ LAYERS: list[set[str]] = [
     {"training"},
     {"study", "zoo"},
     {"observer", "progress", "sweep", "options"},
-    {"parallel"},  # epochs in flight at once: the concurrent-executor contract, the driver, Ray
+    {"parallel"},  # several epochs in flight: the concurrent-executor contract, the driver, Ray, the simulation
     {"tuner", "agent", "recipe", "cli_trials", "loggers"},
     {"lightning_cli", "bench", "testing"},
     {"transfer"},  # reads benchmark pools and study directories; the search layer and the bench reach it lazily

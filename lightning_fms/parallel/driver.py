@@ -41,20 +41,27 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from lightning_fms.errors import FMSError
 from lightning_fms.parallel.protocol import ConcurrentExecutor, Finished
+from lightning_fms.progress import StudyProgress
 from lightning_fms.search.decision import Suggestion
+from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.searcher import SurrogateSearcher
 from lightning_fms.search.seeds import derive_seed
-from lightning_fms.training.executor import EpochJob
+from lightning_fms.study.ledger import StudyLedger
+from lightning_fms.training.executor import EpochJob, EpochOutcome
 
-if TYPE_CHECKING:
-    from lightning_fms.progress import StudyProgress
-    from lightning_fms.tuner import FMSTuner
-
-__all__ = ["DRIVER_MODES", "MAX_LOSSES", "REFIT_POLICIES", "ConcurrentDriver", "check_driver_settings"]
+__all__ = [
+    "DRIVER_MODES",
+    "MAX_LOSSES",
+    "REFIT_POLICIES",
+    "ConcurrentDriver",
+    "StudyLoop",
+    "check_driver_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,33 @@ def check_driver_settings(mode: str, refit: str) -> None:
         raise FMSError(f"unknown decision mode {mode!r} (expected one of {', '.join(DRIVER_MODES)})")
     if refit not in REFIT_POLICIES:
         raise FMSError(f"unknown refit policy {refit!r} (expected one of {', '.join(REFIT_POLICIES)})")
+
+
+class StudyLoop(Protocol):
+    """What the driver needs of the study it drives (:class:`~lightning_fms.tuner.FMSTuner` is one)."""
+
+    optimizer: FreezeThawOptimizer
+    ledger: StudyLedger
+
+    def best_label(self) -> str:
+        """The best value so far, for the display."""
+        ...
+
+    def epoch_job(self, suggestion: Suggestion, checkpoint_out: Path | None = None) -> EpochJob:
+        """The job that trains ``suggestion``, its checkpoint written to ``checkpoint_out``."""
+        ...
+
+    def commit_epoch(
+        self,
+        trial_id: int,
+        epoch: int,
+        outcome: EpochOutcome,
+        *,
+        worker: str | None = None,
+        checkpoint: Path | None = None,
+    ) -> None:
+        """Commit an epoch through the ledger and tell the observers."""
+        ...
 
 
 @dataclass
@@ -102,7 +136,7 @@ class ConcurrentDriver:
 
     def __init__(
         self,
-        tuner: FMSTuner,
+        tuner: StudyLoop,
         executor: ConcurrentExecutor,
         mode: str | None = None,
         refit: str | None = None,
@@ -216,8 +250,6 @@ class ConcurrentDriver:
                 finished.job.checkpoint_out.unlink(missing_ok=True)
                 ledger.save(optimizer)
                 return
-            from lightning_fms.training.executor import EpochOutcome
-
             outcome = EpochOutcome(error=f"its worker was lost {MAX_LOSSES} times (last: {finished.lost})")
         else:
             outcome = finished.outcome

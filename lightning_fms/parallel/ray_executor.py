@@ -26,6 +26,7 @@ import ipaddress
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class _Slot:
     ip: str = "?"
     pid: int | None = None
     busy: bool = False
+    restarting: bool = False
 
     @property
     def label(self) -> str:
@@ -138,7 +140,8 @@ class EpochWorker:
     """The Ray actor of one slot: builds its epoch executor once and trains the epochs it is sent.
 
     Args:
-        executor: The epoch executor, or a callable without arguments that builds it (called here, once).
+        executor: The epoch executor, or a callable without arguments that builds it (called here, once), pickled
+            by the driver (unpickled here once the driver's import path is in place).
         index: The slot's index (for its label).
         cwd: The driver's working directory: the worker works there when it exists on this node, so relative
             paths in a configuration mean what they mean to the driver.
@@ -147,9 +150,7 @@ class EpochWorker:
         threads: torch's intra-op thread count on the worker.
     """
 
-    def __init__(
-        self, executor: Executor | Callable[[], Executor], index: int, cwd: str, sys_path: Sequence[str], threads: int
-    ) -> None:
+    def __init__(self, executor: bytes, index: int, cwd: str, sys_path: Sequence[str], threads: int) -> None:
         import torch
 
         if os.path.isdir(cwd):
@@ -163,9 +164,16 @@ class EpochWorker:
 
     def _build(self) -> Executor:
         if self._executor is None:
-            spec = self._spec
-            self._executor = spec if _is_executor(spec) else spec()  # type: ignore[operator]
-        return self._executor
+            from ray import cloudpickle
+
+            try:
+                spec = cloudpickle.loads(self._spec)
+            except Exception as error:  # a module the driver imports that this node lacks, ...
+                raise FMSError(
+                    f"Ray worker {self._index} cannot load the epoch executor: {one_line(error, 200)}"
+                ) from None
+            self._executor = spec if _is_executor(spec) else spec()
+        return self._executor  # type: ignore[return-value]
 
     def _identity(self) -> dict[str, Any]:
         import ray
@@ -345,9 +353,9 @@ class RayExecutor:
             max_task_retries=0,
         )
         threads = max(1, int(self.cpus_per_trial))
+        spec = ray.cloudpickle.dumps(self.executor)
         self._slots = [
-            _Slot(i, remote.remote(self.executor, i, os.getcwd(), list(sys.path), threads))
-            for i in range(1, self._workers + 1)
+            _Slot(i, remote.remote(spec, i, os.getcwd(), list(sys.path), threads)) for i in range(1, self._workers + 1)
         ]
         refs = [slot.actor.ready.remote() for slot in self._slots]
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
@@ -386,7 +394,7 @@ class RayExecutor:
             FMSError: every worker is busy (wait for one first).
         """
         self.start()
-        slot = next((s for s in self._slots if not s.busy), None)
+        slot = self._free_slot()
         if slot is None:
             raise FMSError(f"all {self._workers} Ray workers are busy (wait for an epoch to end before submitting)")
         self._mark_storage(job)
@@ -430,20 +438,43 @@ class RayExecutor:
             raise FMSError(setup_errors[0])
         return finished
 
-    def _collect(self, ref: Any, slot: _Slot) -> dict[str, Any] | str:
-        """A worker's result, or why its worker was lost (one line)."""
+    def _lost_errors(self) -> tuple[type[BaseException], ...]:
         errors = self._ray.exceptions
-        lost = tuple(
-            getattr(errors, name)
-            for name in ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError")
-            if hasattr(errors, name)
-        )
+        names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError")
+        return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
+
+    def _collect(self, ref: Any, slot: _Slot) -> dict[str, Any] | str:
+        """A worker's result, or why its worker was lost (one line; the slot then waits for its restart)."""
         try:
             result = self._ray.get(ref)
-        except lost as error:
+        except self._lost_errors() as error:
+            slot.restarting = True
             return f"{slot.label} was lost mid-epoch ({type(error).__name__}: {one_line(error, 160)})"
         self._note(slot, result)
         return result
+
+    def _free_slot(self) -> _Slot | None:
+        """A worker that is free; when only restarting ones are, the first to come back (``None``: all busy).
+
+        Raises:
+            FMSError: no restarting worker came back within ``start_timeout`` seconds.
+        """
+        free = [slot for slot in self._slots if not slot.busy]
+        ready = next((slot for slot in free if not slot.restarting), None)
+        if ready is not None or not free:
+            return ready
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            for slot in free:
+                try:  # a call to an actor that is restarting fails at once: ask again until it answers
+                    info = self._ray.get(slot.actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                except (*self._lost_errors(), self._ray.exceptions.GetTimeoutError):
+                    continue
+                self._note(slot, info)
+                slot.restarting = False
+                return slot
+            time.sleep(0.2)
+        raise FMSError(f"no lost Ray worker came back within {self.start_timeout:g} s ({free[0].label} was lost)")
 
     def run_epoch(self, job: EpochJob) -> EpochOutcome:
         """Train one epoch on a free worker and wait for it (again on a restarted worker if the first is lost).
@@ -455,7 +486,7 @@ class RayExecutor:
         self.start()
         reasons = []
         for _ in range(1 + _LOST_RETRIES):
-            slot = next((s for s in self._slots if not s.busy), None)
+            slot = self._free_slot()
             if slot is None:
                 raise FMSError(f"all {self._workers} Ray workers are busy (wait for an epoch to end first)")
             self._mark_storage(job)
