@@ -25,6 +25,7 @@ import torch
 from lightning_fms.atomic import atomic_output
 from lightning_fms.errors import FMSError, failure_message
 from lightning_fms.frozen.costs import fraction_costs
+from lightning_fms.frozen.memory import MemoryEstimate, epoch_memory, resize_batch
 from lightning_fms.hub import ModelHub
 from lightning_fms.search.seeds import seed_everything_quietly
 from lightning_fms.search.space import SearchSpace
@@ -191,6 +192,30 @@ class InProcessExecutor:
                     batch = next(iter(datamodule.train_dataloader()))
             costs.append(fraction_costs(module, self.layer_target(module), batch, fractions)[1])
         return costs
+
+    def memory_estimates(
+        self, configs: Sequence[dict[str, Any]], fractions: tuple[float, ...]
+    ) -> list[tuple[MemoryEstimate, ...]]:
+        """The device memory of an epoch of each configuration at each fraction (:mod:`lightning_fms.frozen.memory`).
+
+        One real training batch (from the first configuration's datamodule, set up once) is used for all of
+        them, its rows cut or repeated to each configuration's ``batch_size`` when its datamodule has one.
+        """
+        batch = None
+        estimates = []
+        for config in configs:
+            module, datamodule = self.build(config, seed=0)
+            if batch is None:
+                if datamodule is None:
+                    raise FMSError("the memory estimate of an epoch needs a LightningDataModule")
+                with quiet_lightning():
+                    datamodule.prepare_data()
+                    datamodule.setup("fit")
+                    batch = next(iter(datamodule.train_dataloader()))
+            size = getattr(datamodule, "batch_size", None)
+            own = resize_batch(batch, size) if isinstance(size, int) and not isinstance(size, bool) else batch
+            estimates.append(epoch_memory(module, self.layer_target(module), own, fractions))
+        return estimates
 
     # ------------------------------------------------------------------ running
     def run_epoch(self, job: EpochJob) -> EpochOutcome:
