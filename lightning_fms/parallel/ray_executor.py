@@ -37,6 +37,7 @@ from torch import nn
 from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError, one_line
 from lightning_fms.extras import import_optional
+from lightning_fms.parallel.gpu_packing import GpuSeats, gpu_share, seat_gpus
 from lightning_fms.parallel.protocol import Finished
 from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 
@@ -130,10 +131,12 @@ class _Slot:
     pid: int | None = None
     busy: bool = False
     restarting: bool = False
+    gpu: tuple[str, str] | None = None  # (node id, GPU id) of a worker on one GPU
+    probe: Any = None
 
     @property
     def label(self) -> str:
-        return f"ray-w{self.index}@{self.ip}"
+        return f"ray-w{self.index}@{self.ip}" + (f"/gpu{self.gpu[1]}" if self.gpu is not None else "")
 
 
 class EpochWorker:
@@ -178,7 +181,8 @@ class EpochWorker:
     def _identity(self) -> dict[str, Any]:
         import ray
 
-        return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        node, gpus = ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+        return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "node": node, "gpus": gpus}
 
     def ready(self) -> dict[str, Any]:
         """Build the executor (imports, trial builder); the worker's address, or the set-up error."""
@@ -208,11 +212,12 @@ class EpochWorker:
             )
         self._verified.add(str(root))
 
-    def run(self, job: EpochJob, token: str) -> dict[str, Any]:
-        """Train one epoch; a small dict: the outcome's fields and who ran it (or the set-up error)."""
+    def run(self, job: EpochJob, token: str, share: float | None = None) -> dict[str, Any]:
+        """Train one epoch (``share``: of the GPU, GPU packing); a small dict: the outcome's fields and who ran it."""
         try:
             self._check_storage(job, token)
-            outcome = self._build().run_epoch(job)
+            with gpu_share(share):
+                outcome = self._build().run_epoch(job)
         except FMSError as error:
             return {**self._identity(), "setup_error": one_line(error)}
         return {
@@ -237,13 +242,17 @@ class RayExecutor:
             127.0.0.1 (stopped by :meth:`close`); ``"auto"`` or ``"HOST:PORT"``: attach to a running cluster.
         workers: Epochs run at once (one long-lived Ray actor each).
         cpus_per_trial: Ray CPUs each worker holds (also its torch thread count, at least 1).
-        gpus_per_trial: Ray GPUs each worker holds; may be fractional (``0.5``: two workers per GPU).
+        gpus_per_trial: GPUs of an epoch. Above 1: whole GPUs each worker holds. In ``(0, 1]``: GPU packing
+            (:mod:`~lightning_fms.parallel.gpu_packing`): an epoch at full training gets this share of a GPU, one
+            with frozen layers less (from its memory estimate), and one that runs out of GPU memory runs again
+            with twice its share (at most a GPU).
         mode: The driver's decision mode, ``"async"`` (decide whenever a worker frees) or ``"sync"`` (wait for
             all ``workers``, then decide as many; reproducible).
         local: The epoch executor of :meth:`pretrained_module` and :meth:`frozen_layer_costs` in the driver's
             process (default: ``executor`` itself, or, when that is a callable, what it builds here on first use).
         init_options: Extra arguments of ``ray.init`` (they win over the executor's own).
         start_timeout: Seconds :meth:`start` waits for the workers to be placed and built.
+        worker_options: Extra Ray actor options of every worker (``resources``, ``scheduling_strategy``, ...).
 
     Raises:
         FMSError: a bad setting, or Ray is not installed (one line naming the ``ray`` extra).
@@ -261,6 +270,7 @@ class RayExecutor:
         local: Executor | None = None,
         init_options: Mapping[str, Any] | None = None,
         start_timeout: float = 300.0,
+        worker_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_ray_settings(address, workers, cpus_per_trial, gpus_per_trial, mode)
         if not (_is_executor(executor) or callable(executor)):
@@ -281,6 +291,10 @@ class RayExecutor:
         self._running: dict[Any, tuple[EpochJob, _Slot]] = {}  # object ref -> (job, slot), in submission order
         self._owns_connection = False
         self._started = False
+        self.worker_options = dict(worker_options or {})
+        self.packing = 0.0 < self.gpus_per_trial <= 1.0
+        self.seats: GpuSeats | None = None
+        """With GPU packing (``0 < gpus_per_trial <= 1``), after :meth:`start`: the shares and the queue."""
 
     # ------------------------------------------------------------------ the protocol
     @property
@@ -314,6 +328,9 @@ class RayExecutor:
         try:
             self._check_resources()
             self._place_workers()
+            if self.packing:
+                estimator = getattr(self._driver_executor(), "memory_estimates", None)
+                self.seats = GpuSeats(self, estimator if callable(estimator) else None)
         except BaseException:
             self.close()
             raise
@@ -346,12 +363,9 @@ class RayExecutor:
 
     def _place_workers(self) -> None:
         ray = self._ray
-        remote = ray.remote(EpochWorker).options(
-            num_cpus=self.cpus_per_trial,
-            num_gpus=self.gpus_per_trial,
-            max_restarts=-1,
-            max_task_retries=0,
-        )
+        gpus = seat_gpus(self._workers, ray.cluster_resources().get("GPU", 0)) if self.packing else self.gpus_per_trial
+        own = {"num_cpus": self.cpus_per_trial, "num_gpus": gpus, "max_restarts": -1, "max_task_retries": 0}
+        remote = ray.remote(EpochWorker).options(**{**self.worker_options, **own})
         threads = max(1, int(self.cpus_per_trial))
         spec = ray.cloudpickle.dumps(self.executor)
         self._slots = [
@@ -362,7 +376,7 @@ class RayExecutor:
         if pending:
             raise FMSError(
                 f"only {len(done)} of {self._workers} Ray workers started within {self.start_timeout:g} s "
-                f"(each needs {self.cpus_per_trial:g} CPUs and {self.gpus_per_trial:g} GPUs; the cluster has "
+                f"(each needs {self.cpus_per_trial:g} CPUs and {gpus:g} GPUs; the cluster has "
                 f"{self._describe(ray.cluster_resources())})"
             )
         for slot, info in zip(self._slots, ray.get(refs)):
@@ -378,6 +392,8 @@ class RayExecutor:
     @staticmethod
     def _note(slot: _Slot, info: Mapping[str, Any]) -> None:
         slot.ip, slot.pid = str(info.get("ip", slot.ip)), info.get("pid", slot.pid)
+        gpus = info.get("gpus") or []
+        slot.gpu = (str(info.get("node", "")), str(gpus[0])) if len(gpus) == 1 else None
 
     def _mark_storage(self, job: EpochJob) -> None:
         """Write the storage marker next to the job's trial folder (once per folder)."""
@@ -394,6 +410,8 @@ class RayExecutor:
             FMSError: every worker is busy (wait for one first).
         """
         self.start()
+        if self.seats is not None:
+            return self.seats.submit(job)
         slot = self._free_slot()
         if slot is None:
             raise FMSError(f"all {self._workers} Ray workers are busy (wait for an epoch to end before submitting)")
@@ -411,6 +429,9 @@ class RayExecutor:
         Raises:
             FMSError: a set-up problem on a worker (the first one's line); the other ended epochs are dropped.
         """
+        return self.seats.wait(timeout) if self.seats is not None else self._wait_ended(timeout)
+
+    def _wait_ended(self, timeout: float | None) -> list[Finished]:
         if not self._running:
             return []
         ray = self._ray
@@ -428,6 +449,8 @@ class RayExecutor:
             job, slot = self._running.pop(ref)
             slot.busy = False
             result = self._collect(ref, slot)
+            if self.seats is not None and (result := self.seats.packer.release(ref, result)) is None:
+                continue  # out of GPU memory: queued again with a larger share
             if isinstance(result, str):
                 finished.append(Finished(job, slot.label, lost=result))
             elif "setup_error" in result:
@@ -484,6 +507,8 @@ class RayExecutor:
                 ``1 + 2`` times in a row.
         """
         self.start()
+        if self.seats is not None:
+            return self.seats.run_epoch(job, _LOST_RETRIES)
         reasons = []
         for _ in range(1 + _LOST_RETRIES):
             slot = self._free_slot()
@@ -516,6 +541,8 @@ class RayExecutor:
                 except Exception:  # already gone with its node
                     pass
         self._slots, self._running = [], {}
+        if self.seats is not None:
+            self.seats.packer.clear()
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
         self._owns_connection = False
