@@ -13,11 +13,15 @@ on its device:
   modelled: the module's training step runs once on one real batch under
   :func:`torch.autograd.graph.saved_tensors_hooks`, and each saved storage that is not a parameter, a buffer or
   the batch is counted once. The frozen prefix records no graph, so at low fractions only the trainable suffix
-  (and the tensor entering it) is kept.
+  (and the tensor entering it) is kept;
+* **workspace**: the largest input plus output of one module call in that forward pass (counted with forward
+  hooks). It stands for what lives besides the saved activations: in the forward pass a frozen layer's input and
+  output (freed right after, but there at once), in the backward pass the gradients in flight, which have the
+  sizes of the activations.
 
-Left out: the CUDA context (a few hundred MB per process), the caching allocator's rounding, the temporaries of
-single operations and the gradients of activations alive during the backward pass. ``docs/benchmarks.md``
-("Ray (issue 13)") compares the estimate with the peak that ``torch.profiler`` measures.
+Left out: the CUDA context (a few hundred MB per process), the caching allocator's rounding, cuBLAS/cuDNN
+workspaces, and temporaries inside one module call (attention scores computed by a function, not a module).
+``docs/benchmarks.md`` ("Ray (issue 13)") compares the estimate with the peak that ``torch.profiler`` measures.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class MemoryEstimate:
         optimizer_state: The optimizer's state of the trainable parameters.
         inputs: One batch.
         activations: What autograd saves for the backward pass of one training step.
+        workspace: The largest input plus output of one module call in the forward pass.
     """
 
     fraction: float
@@ -71,11 +76,12 @@ class MemoryEstimate:
     optimizer_state: int
     inputs: int
     activations: int
+    workspace: int
 
     @property
     def total(self) -> int:
         """Bytes in all."""
-        return self.parameters + self.gradients + self.optimizer_state + self.inputs + self.activations
+        return self.parameters + self.gradients + self.optimizer_state + self.inputs + self.activations + self.workspace
 
 
 def optimizer_slots(optimizer: torch.optim.Optimizer) -> float:
@@ -178,18 +184,25 @@ def resize_batch(batch: Any, size: int) -> Any:
     return batch
 
 
-def saved_activation_bytes(forward: Callable[[], Any], exclude: set[int] | None = None) -> int:
-    """Bytes autograd saves for the backward pass while ``forward`` runs (the graph is dropped, not run).
+def saved_activation_bytes(
+    forward: Callable[[], Any], exclude: set[int] | None = None, modules: Sequence[nn.Module] = ()
+) -> tuple[int, int]:
+    """Bytes autograd saves for the backward pass while ``forward`` runs, and the largest module call's in + out.
+
+    The graph is dropped, not run.
 
     Args:
         forward: Runs a forward pass (e.g. a training step without its backward).
-        exclude: Storage addresses not to count (parameters, buffers, the batch: they are counted elsewhere).
+        exclude: Storage addresses not to count as saved (parameters, buffers, the batch: counted elsewhere).
+        modules: The modules whose calls are measured for the second number (forward hooks).
 
     Returns:
-        The bytes of every distinct storage saved for backward, less ``exclude``.
+        ``(saved, workspace)``: the bytes of every distinct storage saved for backward, less ``exclude``; and the
+        most bytes of distinct storages that one call of one of ``modules`` took in and gave out.
     """
     skip = set(exclude or ())
     saved: dict[int, int] = {}
+    largest = [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         address, nbytes = _storage(tensor)
@@ -197,10 +210,18 @@ def saved_activation_bytes(forward: Callable[[], Any], exclude: set[int] | None 
             saved[address] = max(saved.get(address, 0), nbytes)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = forward()
-    del out
-    return sum(saved.values())
+    def measure(module: nn.Module, inputs: Any, output: Any) -> None:
+        largest[0] = max(largest[0], sum(dict(_storage(t) for t in _tensors(inputs) + _tensors(output)).values()))
+
+    hooks = [m.register_forward_hook(measure) for m in modules]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = forward()
+        del out
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(saved.values()), largest[0]
 
 
 def _loss_step(module: nn.Module, batch: Any, step: Callable[[Any], Any] | None) -> Callable[[], Any]:
@@ -248,7 +269,7 @@ def epoch_memory(
     exclude = set(stored) | set(inputs)
     was_training = module.training
     saved_grad = {name: p.requires_grad for name, p in module.named_parameters()}
-    measured: dict[int, tuple[int, int]] = {}
+    measured: dict[int, tuple[int, int, int]] = {}
     try:
         module.train()
         with warnings.catch_warnings():
@@ -256,14 +277,16 @@ def epoch_memory(
             for k in sorted({units_for_fraction(f, n_units) for f in fractions}):
                 set_trainable_units(net, k)
                 trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-                measured[k] = (trainable, saved_activation_bytes(_loss_step(module, batch, step), exclude))
+                run = _loss_step(module, batch, step)
+                saved, workspace = saved_activation_bytes(run, exclude, list(module.modules()))
+                measured[k] = (trainable, saved, workspace)
     finally:
         for name, p in module.named_parameters():
             p.requires_grad_(saved_grad[name])
         module.train(was_training)
     out = []
     for fraction in fractions:
-        trainable, activations = measured[units_for_fraction(fraction, n_units)]
+        trainable, activations, workspace = measured[units_for_fraction(fraction, n_units)]
         out.append(
             MemoryEstimate(
                 fraction=float(fraction),
@@ -272,6 +295,7 @@ def epoch_memory(
                 optimizer_state=int(round(slots * trainable)),
                 inputs=sum(inputs.values()),
                 activations=activations,
+                workspace=workspace,
             )
         )
     return tuple(out)
