@@ -22,7 +22,7 @@ def main(address: str, hub_yaml: str, study_dir: str, budget: int) -> None:
     executor = RayExecutor(
         epoch_executor(hub, step_delay=0.05),
         address=address,
-        workers=2,
+        workers=1,
         cpus_per_trial=0.5,
         worker_options=MY_NODES,
     )

@@ -40,12 +40,12 @@ CNN = {"hub": "cnn-xs", "model.lr": 0.05}
 
 @pytest.fixture(scope="module")
 def gpu_node(ray_cluster, tmp_path_factory):
-    """A node with 4 CPUs and 2 (logical) GPUs, where the tests' workers run."""
+    """A node with 8 (logical) CPUs and 2 (logical) GPUs, where the tests' workers run."""
     node = start_node(
         ray_cluster.address,
         "fault-gpus",
         tmp_path_factory.mktemp("ray-nodes") / "gpus.log",
-        cpus=4,
+        cpus=8,
         gpus=2,
         resources={"fault-tests": 8},
     )
@@ -130,7 +130,7 @@ def test_frozen_epochs_pack_more_per_gpu_within_the_declared_gpus(packed, tmp_pa
         runs[name] = (labels, packed.seats.packer.placements[first:])
     full, frozen = runs["full"][1], runs["frozen"][1]
     assert {p.share for p in full} == {0.75} and runs["full"][0].count("queued") == 1  # one GPU each
-    assert {p.share for p in frozen} == {0.125} and "queued" not in runs["frozen"][0]
+    assert {p.share for p in frozen} == {0.375} and "queued" not in runs["frozen"][0]
     assert peak_concurrency(full) == 2 and peak_concurrency(frozen) == 3
     for stays in (full, frozen):  # never more of a GPU than it has, never more GPUs than the cluster has
         assert all(held <= 1.0 + 1e-9 for held in most_held(stays).values())
@@ -144,7 +144,7 @@ def test_out_of_memory_is_run_again_with_twice_the_share(packed, tmp_path):
     (ended,) = wait_for(packed, 1)
     assert ended.outcome.error is None and math.isfinite(ended.outcome.value)
     stays = packed.seats.packer.placements[first:]
-    assert [(p.share, p.out_of_memory) for p in stays] == [(0.125, True), (0.25, False)]
+    assert [(p.share, p.out_of_memory) for p in stays] == [(0.375, True), (0.75, False)]
     assert trial.checkpoint_out.exists()
 
 
@@ -207,6 +207,66 @@ class Fault(threading.Thread):
             self.error = error
 
 
+class KilledDriver(threading.Thread):
+    """A driver process attached to the session's cluster runs a study, is killed with -9 mid-study (after two
+    committed epochs, while epochs train), and the same command runs again; what a rerun finds is planted too (a
+    torn temporary file). It runs alongside the module's other tests: it is mostly waiting."""
+
+    def __init__(self, address: str, hub_file: Path, folder: Path, budget: int = 6) -> None:
+        super().__init__(daemon=True)
+        self.study_dir, self.budget, self.log = folder / "s", budget, folder / "driver.log"
+        self.command = [sys.executable, "-m", f"{__package__}.fault_driver", address, str(hub_file)]
+        self.command += [str(self.study_dir), str(budget)]
+        path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
+        self.env = {**os.environ, **RAY_TEST_ENVIRONMENT, "PYTHONPATH": path}
+        self.driver: subprocess.Popen | None = None
+        self.workers: dict[str, int] = {}
+        self.fault = Fault(self.study_dir, lambda trial, epoch, pid: self.driver.kill())
+        self.killed: int | None = None
+        self.left: dict = {}
+        self.stale = self.study_dir / "stale"
+        self.rerun: subprocess.CompletedProcess | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.log.open("w") as log:
+                self.driver = subprocess.Popen(
+                    self.command, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True
+                )
+                self.workers = json.loads(self.driver.stdout.readline())["workers"]
+                self.fault.run()  # until it kills the driver
+                self.killed = self.driver.wait(timeout=30)
+                self.left = StudyDirectory(self.study_dir).load_state() or {}
+                trial, epoch, _ = self.fault.target
+                self.stale = StudyDirectory(self.study_dir).trial_dir(trial) / f".epoch-{epoch}.d99.ckpt.123.tmp"
+                self.stale.write_bytes(b"a torn write")  # what a write cut off by the kill leaves
+                self.rerun = subprocess.run(
+                    self.command, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=300
+                )
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            self.error = error
+
+    def close(self) -> None:
+        """Kill the first driver if it is still alive (a failed scenario)."""
+        if self.driver is not None and self.driver.poll() is None:
+            self.driver.kill()
+            self.driver.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def killed_driver(request, ray_cluster, gpu_node, hub_file, tmp_path_factory):
+    """The driver-kill scenario, started with the module (:func:`test_a_driver_killed_with_minus_9_and_rerun`)."""
+    if not any(item.name == "test_a_driver_killed_with_minus_9_and_rerun" for item in request.session.items):
+        yield None  # not selected
+        return
+    scenario = KilledDriver(ray_cluster.address, hub_file, tmp_path_factory.mktemp("killed-driver"))
+    scenario.start()
+    yield scenario
+    scenario.close()
+    scenario.join(timeout=60)
+
+
 def check_study(tuner: FMSTuner, fault: Fault, budget: int, given_back: str) -> None:
     """Budget exact, no epoch twice, the committed prefix kept, the struck epoch given back (and, if it was trained
     later, trained by another process)."""
@@ -246,13 +306,13 @@ def test_a_node_stopped_mid_study(ray_cluster, gpu_node, hub, tmp_path, caplog):
     executor = RayExecutor(
         epoch_executor(hub, step_delay=0.05),
         address=ray_cluster.address,
-        workers=2,
+        workers=1,
         cpus_per_trial=1,
         worker_options={**MY_NODES, "scheduling_strategy": prefer_it},
     )
     try:
         executor.start()
-        assert set(executor.worker_pids.values()) <= node.processes()  # both workers on the doomed node
+        assert set(executor.worker_pids.values()) <= node.processes()  # the worker is on the doomed node
         sockets = listening_addresses(node.processes())
         assert sockets and [s for s in sockets if not is_loopback(s[1])] == []
         study_dir = tmp_path / "s"
@@ -264,48 +324,30 @@ def test_a_node_stopped_mid_study(ray_cluster, gpu_node, hub, tmp_path, caplog):
         fault.stop.set()
         fault.join()
         check_study(tuner, fault, 6, caplog.text)
-        assert not set(executor.worker_pids.values()) & node.seen  # the workers came back on another node
+        assert not set(executor.worker_pids.values()) & node.seen  # the worker came back on another node
     finally:
         executor.close()
         node.stop()
     assert not [pid for pid in node.seen if psutil.pid_exists(pid)]
 
 
-def test_a_driver_killed_with_minus_9_and_rerun(ray_cluster, gpu_node, hub_file, hub, tmp_path):
-    study_dir, budget = tmp_path / "s", 6
-    command = [sys.executable, "-m", f"{__package__}.fault_driver", ray_cluster.address, str(hub_file)]
-    command += [str(study_dir), str(budget)]
-    env = {
-        **os.environ,
-        **RAY_TEST_ENVIRONMENT,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        workers = json.loads(driver.stdout.readline())["workers"]
-        fault = Fault(study_dir, lambda trial, epoch, pid: driver.kill())
-        fault.run()  # here, not in a thread: until the driver is killed
-        assert fault.error is None and fault.prefix is not None, fault.error
-        driver.wait(timeout=20)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        driver.communicate()
-    assert driver.returncode == -signal.SIGKILL
-    left = StudyDirectory(study_dir).load_state()
-    assert left["running"], "the killed driver left no claim to give back"
-    stale = StudyDirectory(study_dir).trial_dir(fault.target[0]) / f".epoch-{fault.target[1]}.d99.ckpt.123.tmp"
-    stale.write_bytes(b"a torn write")  # what a write cut off by the kill leaves
-
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+def test_a_driver_killed_with_minus_9_and_rerun(killed_driver):
+    killed_driver.join(timeout=400)
+    assert not killed_driver.is_alive(), "the driver scenario did not end"
+    assert killed_driver.error is None, killed_driver.error
+    fault, budget = killed_driver.fault, killed_driver.budget
+    assert fault.error is None and fault.prefix is not None, fault.error
+    assert killed_driver.killed == -signal.SIGKILL
+    assert killed_driver.left.get("running"), "the killed driver left no claim to give back"
+    rerun = killed_driver.rerun
+    assert rerun.returncode == 0, killed_driver.log.read_text()[-3000:]
     assert json.loads(rerun.stdout.strip().splitlines()[-1]) == {"epochs_spent": budget}
-    state = StudyDirectory(study_dir).load_state()
+    state = StudyDirectory(killed_driver.study_dir).load_state()
     log = [(int(d["trial"]), int(d["epoch"]), d["value"]) for d in state["decisions"]]
     assert len(log) == len(set((t, e) for t, e, _ in log)) == budget
     assert log[: len(fault.prefix)] == fault.prefix and "running" not in state
-    assert not stale.exists() and not list(study_dir.rglob("*.tmp"))
+    assert not killed_driver.stale.exists() and not list(killed_driver.study_dir.rglob("*.tmp"))
     deadline = time.monotonic() + 30  # the killed driver's workers went with it
-    while alive := [pid for pid in workers.values() if psutil.pid_exists(pid)]:
+    while alive := [pid for pid in killed_driver.workers.values() if psutil.pid_exists(pid)]:
         assert time.monotonic() < deadline, f"workers of the killed driver still alive: {alive}"
         time.sleep(0.2)
