@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -96,15 +94,6 @@ def test_bad_tuner_ray_options_exit_2_with_one_line(make_cli, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ studies through the front ends, on the cluster
-def test_lightning_fms_tune_runs_a_recipe_on_ray(ray_cluster, write_recipe, tmp_path, capsys):
-    path = write_recipe(tmp_path / "recipe.yaml", budget=2)
-    status = main(["tune", "--config", str(path), "--study_dir", str(tmp_path / "s"), "--no-progress",
-                   "--ray.address", ray_cluster.address, "--ray.workers", "1", "--ray.mode", "sync"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert status == 0 and json.loads(out[out.index("{") :])["epochs_spent"] == 2
-    assert "ray-w1@127.0.0.1" in (tmp_path / "s" / "trajectory.csv").read_text()  # the worker that ran each epoch
-
-
 def test_fms_lightning_cli_runs_a_study_on_ray(ray_cluster, make_cli, tmp_path, fast_tuner_flags):
     study = tmp_path / "s"
     cli = make_cli("fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "space.yaml",
