@@ -41,10 +41,18 @@ from lightning_fms.parallel.gpu_packing import GpuSeats, gpu_share, seat_gpus
 from lightning_fms.parallel.protocol import Finished
 from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 
-__all__ = ["MODES", "STORAGE_MARKER", "RayExecutor", "check_ray_settings"]
+__all__ = ["MODES", "SETTING_DEFAULTS", "STORAGE_MARKER", "RayExecutor", "check_ray_settings", "ray_settings"]
 
 MODES: tuple[str, ...] = ("async", "sync")
 """The driver's decision modes: ``async`` (decide whenever a worker frees) and ``sync`` (batches of ``workers``)."""
+SETTING_DEFAULTS: dict[str, Any] = {
+    "address": None,
+    "workers": 1,
+    "cpus_per_trial": 1.0,
+    "gpus_per_trial": 0.0,
+    "mode": "async",
+}
+"""The defaults of the settings a recipe's ``tuner.ray`` block, ``--ray.*`` and ``--tuner.ray.*`` give."""
 STORAGE_MARKER = ".ray-storage"
 """The marker file the driver writes next to the trial folders; a worker must read the driver's token from it."""
 LOOPBACK_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -75,6 +83,17 @@ def check_ray_settings(
         raise FMSError(f"ray.gpus_per_trial above 1 must be a whole number of GPUs, got {gpus_per_trial!r}")
     if mode not in MODES:
         raise FMSError(f"unknown ray.mode {mode!r} (expected one of {', '.join(MODES)})")
+
+
+def ray_settings(given: Mapping[str, Any]) -> dict[str, Any]:
+    """A Ray executor's settings: ``given`` (e.g. a recipe's ``tuner.ray`` block) over the defaults, validated.
+
+    Raises:
+        FMSError: one line naming the bad setting.
+    """
+    settings = {**SETTING_DEFAULTS, **{key: value for key, value in given.items() if value is not None}}
+    check_ray_settings(**settings)
+    return settings
 
 
 def _address_ok(address: str) -> bool:

@@ -118,13 +118,14 @@ def ray_environment() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(ray_environment, tmp_path_factory) -> Iterator[LoopbackCluster]:
-    """A 2-CPU Ray cluster on 127.0.0.1 for the session; the test process is its driver."""
+    """A Ray cluster on 127.0.0.1 for the session (4 logical CPUs: two executors' workers at once); the test
+    process is its driver."""
     ray = pytest.importorskip("ray")
     port = free_loopback_port()
     log = tmp_path_factory.mktemp("ray") / "head.log"
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
+        "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "4", "--num-gpus", "0",
         "--include-dashboard", "false", "--disable-usage-stats",
     ]  # fmt: skip
     with Path(log).open("w") as out:
@@ -149,3 +150,16 @@ def ray_cluster(ray_environment, tmp_path_factory) -> Iterator[LoopbackCluster]:
         stop_processes(cluster.seen)  # a graceful stop of raylet and GCS takes half a minute
         with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def ray_executor(ray_cluster, hub):
+    """Two workers on the session's cluster training tests/parallel/ray_trials.py's classifier, shared by the tests."""
+    from lightning_fms.parallel.ray_executor import RayExecutor
+
+    from .ray_trials import epoch_executor
+
+    executor = RayExecutor(epoch_executor(hub), address=ray_cluster.address, workers=2)
+    executor.start()
+    yield executor
+    executor.close()

@@ -1,7 +1,7 @@
 """RayExecutor on a real Ray cluster on loopback: the executor contract, epochs at once, lost workers, set-up errors.
 
 One 2-worker executor on the session's cluster (tests/parallel/conftest.py) serves every test, so the workers are
-started (and their imports warmed) once.
+started (and their imports warmed) once; they train tests/parallel/ray_trials.py's classifier.
 """
 
 from __future__ import annotations
@@ -20,51 +20,17 @@ import torch
 from lightning_fms.errors import FMSError
 from lightning_fms.parallel.protocol import Finished, is_concurrent
 from lightning_fms.parallel.ray_executor import STORAGE_MARKER, RayExecutor
-from lightning_fms.search.space import SearchSpace
 from lightning_fms.testing.executors import ExecutorContract
 from lightning_fms.training.executor import EpochJob
-from lightning_fms.training.in_process import InProcessExecutor
-from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
-from .conftest import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses, process_tree
+from .conftest import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
 
-SPACE = {
-    "hub": {"type": "hub"},
-    "model.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
-}
 CONFIG = {"hub": "cnn-s", "model.lr": 0.05, "model.dropout": 0.3}
-SLOW = {**CONFIG, "model.step_delay": 0.05}  # about 1.5 s an epoch: long enough to be killed in
-
-
-class SlowClassifier(ImageClassifier):
-    """ImageClassifier that sleeps ``step_delay`` seconds in every training step (the worker imports it from here)."""
-
-    def __init__(self, *args, step_delay: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.step_delay = step_delay
-
-    def training_step(self, batch, batch_idx):
-        time.sleep(self.step_delay)
-        return super().training_step(batch, batch_idx)
-
-
-def epoch_executor(hub) -> InProcessExecutor:
-    space = SearchSpace.from_dict(SPACE, hub_entries=hub.names)
-    return InProcessExecutor.from_factories(
-        SlowClassifier,
-        DigitsDataModule,
-        space,
-        hub,
-        monitor="val_acc",
-        cap=5,
-        datamodule_options={"task": "target"},
-        trainer_options={"accelerator": "cpu"},
-    )
+SLOW = {**CONFIG, "model.step_delay": 0.1}  # over a second an epoch: long enough to be killed in
 
 
 def job(folder: Path, trial_id: int, config=CONFIG, epoch: int = 1, **options) -> EpochJob:
-    fields = {"seed": 0, "monitor": "val_acc", "cap": 5, **options}
+    fields = {"seed": 0, "monitor": "val_acc", "cap": ExecutorContract.cap, **options}
     return EpochJob(
         trial_id=trial_id,
         config=dict(config),
@@ -83,15 +49,6 @@ def wait_for(executor: RayExecutor, count: int, timeout: float = 120) -> list[Fi
         assert time.monotonic() < deadline, f"only {len(finished)} of {count} epochs ended"
         finished += executor.wait(timeout=5)
     return finished
-
-
-@pytest.fixture(scope="module")
-def ray_executor(ray_cluster, hub):
-    """Two workers on the session's cluster, shared by the tests of this module."""
-    executor = RayExecutor(epoch_executor(hub), address=ray_cluster.address, workers=2)
-    executor.start()
-    yield executor
-    executor.close()
 
 
 class TestRayExecutor(ExecutorContract):
@@ -224,29 +181,42 @@ LOCAL_CLUSTER = textwrap.dedent(
 )
 
 
-def test_a_local_cluster_is_on_loopback_and_close_stops_it(ray_environment, tmp_path):
+@pytest.fixture(scope="session", autouse=True)
+def local_cluster_run(ray_environment, tmp_path_factory):
+    """A driver process that starts a local cluster through RayExecutor (address None) and closes it.
+
+    It starts first, before the session's cluster, and runs alongside the other tests (both are mostly waiting);
+    :func:`test_a_local_cluster_is_on_loopback_and_close_stops_it` reads what it printed.
+    """
+    env = {**os.environ, **RAY_TEST_ENVIRONMENT}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # the executor must keep a local cluster on loopback itself
+    run = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_CLUSTER, str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path_factory.mktemp("local-cluster"),
+    )
+    yield run
+    if run.poll() is None:
+        run.kill()
+        run.communicate()
+
+
+def test_a_local_cluster_is_on_loopback_and_close_stops_it(local_cluster_run):
     import json
 
     import psutil
 
-    env = {**os.environ, **RAY_TEST_ENVIRONMENT}
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # the executor must keep a local cluster on loopback itself
-    done = subprocess.run(
-        [sys.executable, "-c", LOCAL_CLUSTER, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    out, err = local_cluster_run.communicate(timeout=240)
+    assert local_cluster_run.returncode == 0, err[-3000:]
+    first, second = (json.loads(line) for line in out.strip().splitlines()[-2:])
     assert first["sockets"] and [s for s in first["sockets"] if not is_loopback(s[1])] == []
     assert second == {"connected": False}
     deadline = time.monotonic() + 30
     while alive := [pid for pid in first["pids"] if psutil.pid_exists(pid)]:
         if time.monotonic() > deadline:
-            process_tree(alive[0])
             pytest.fail(f"processes of the local cluster still alive after close(): {alive}")
         time.sleep(0.2)
 
