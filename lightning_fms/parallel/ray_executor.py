@@ -261,10 +261,8 @@ class RayExecutor:
             127.0.0.1 (stopped by :meth:`close`); ``"auto"`` or ``"HOST:PORT"``: attach to a running cluster.
         workers: Epochs run at once (one long-lived Ray actor each).
         cpus_per_trial: Ray CPUs each worker holds (also its torch thread count, at least 1).
-        gpus_per_trial: GPUs of an epoch. Above 1: whole GPUs each worker holds. In ``(0, 1]``: GPU packing
-            (:mod:`~lightning_fms.parallel.gpu_packing`): an epoch at full training gets this share of a GPU, one
-            with frozen layers less (from its memory estimate), and one that runs out of GPU memory runs again
-            with twice its share (at most a GPU).
+        gpus_per_trial: Above 1: whole GPUs each worker holds. In ``(0, 1]``: the share of a GPU of an epoch at
+            full training, with GPU packing (:mod:`~lightning_fms.parallel.gpu_packing`; docs/ray.md).
         mode: The driver's decision mode, ``"async"`` (decide whenever a worker frees) or ``"sync"`` (wait for
             all ``workers``, then decide as many; reproducible).
         local: The epoch executor of :meth:`pretrained_module` and :meth:`frozen_layer_costs` in the driver's
@@ -312,8 +310,7 @@ class RayExecutor:
         self._started = False
         self.worker_options = dict(worker_options or {})
         self.packing = 0.0 < self.gpus_per_trial <= 1.0
-        self.seats: GpuSeats | None = None
-        """With GPU packing (``0 < gpus_per_trial <= 1``), after :meth:`start`: the shares and the queue."""
+        self.seats: GpuSeats | None = None  # with GPU packing, after start(): the shares and the queue
 
     # ------------------------------------------------------------------ the protocol
     @property
