@@ -162,7 +162,10 @@ class RayOptions:
     workers: int | None = option(None, "Epochs run at once, one long-lived Ray worker each (default 1).", minimum=1)
     cpus_per_trial: float | None = option(None, "Ray CPUs each worker holds (default 1).", minimum=0)
     gpus_per_trial: float | None = option(
-        None, "Ray GPUs each worker holds; may be fractional, 0.5 packs two workers per GPU (default 0).", minimum=0
+        None,
+        "GPUs of an epoch: up to 1, the share of one GPU an epoch at full training gets (GPU packing: workers share "
+        "GPUs, epochs with frozen layers get less, see docs/ray.md); above 1, whole GPUs per worker (default 0).",
+        minimum=0,
     )
     mode: RayMode | None = option(
         None,
