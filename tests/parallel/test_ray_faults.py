@@ -27,6 +27,7 @@ from lightning_fms.parallel.gpu_packing import Placement
 from lightning_fms.parallel.protocol import Finished
 from lightning_fms.parallel.ray_executor import RayExecutor
 from lightning_fms.study.directory import StudyDirectory
+from lightning_fms.testing.executors import ExecutorContract
 from lightning_fms.training.executor import EpochJob
 
 from .conftest import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
@@ -114,9 +115,11 @@ def most_held(stays: list[Placement]) -> dict[tuple[str, str], float]:
 
 
 # ------------------------------------------------------------------ GPU packing and out of memory
-def test_frozen_epochs_pack_more_per_gpu_within_the_declared_gpus(packed, tmp_path):
+def test_frozen_epochs_pack_more_per_gpu_within_the_declared_gpus(packed, gpu_node, tmp_path):
     import ray
 
+    sockets = listening_addresses(gpu_node.processes())  # the node the tests add stays on loopback too
+    assert sockets and [s for s in sockets if not is_loopback(s[1])] == []
     assert {label.rsplit("/gpu", 1)[1] for label in packed.labels} == {"0", "1"}  # the seats sit on both GPUs
     assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.5)  # Ray's books: 3 seats of half a GPU
     slow = {**CNN, "model.step_delay": 0.08}
@@ -158,6 +161,42 @@ def test_out_of_memory_with_a_whole_gpu_fails_the_trial_in_one_line(packed, tmp_
         "Tried to allocate 2.00 GiB (a test's module)"
     )
     assert not ended.job.checkpoint_out.exists()
+
+
+class TestPackedRayExecutor(ExecutorContract):
+    """The executor contract through ``run_epoch`` with GPU packing (each epoch at its share of a logical GPU)."""
+
+    @pytest.fixture(autouse=True)
+    def _executor(self, packed):
+        self.executor = packed
+
+    def make_executor(self):
+        return self.executor
+
+    def trial_config(self):
+        return {**CNN, "model.step_delay": 0.0}
+
+    def hub_entry(self, config):
+        return config["hub"]
+
+    def failing_config(self):
+        return {**CNN, "model.step_delay": 0.0, "model.lr": 1e30}
+
+
+def test_a_frozen_layer_study_packs_its_epochs_within_the_budget(packed, hub, tmp_path):
+    first = len(packed.seats.packer.placements)
+    tuner = FMSTuner(executor=packed, **study_options(hub, tmp_path / "s", budget=3, frozen_layers=[0.25]))
+    tuner.run()
+    optimizer = tuner.optimizer
+    assert optimizer.budget_spent <= 3 + 1e-9 and not optimizer.running
+    assert len(set(trained(optimizer.decisions))) == len(optimizer.decisions)
+    stays = packed.seats.packer.placements[first:]
+    fractions = {(int(d["trial"]), int(d["epoch"])): float(d["trainable_fraction"]) for d in optimizer.decisions}
+    assert 0.25 in fractions.values()  # the study trained some epochs at a quarter of the layers ...
+    for stay in stays:  # ... and those got less of a GPU than the full ones
+        assert stay.share < 0.75 if fractions[(stay.trial_id, stay.epoch)] < 1.0 else stay.share == 0.75
+    assert all(held <= 1.0 + 1e-9 for held in most_held(stays).values())
+    assert {d["worker"] for d in optimizer.decisions} <= set(packed.labels)
 
 
 # ------------------------------------------------------------------ faults during a study
