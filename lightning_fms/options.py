@@ -31,6 +31,7 @@ import yaml
 
 from lightning_fms.errors import FMSError
 from lightning_fms.search.optimizer import DEFAULT_FRESH_CANDIDATES, DEFAULT_STARTUP_TRIALS
+from lightning_fms.search.pending import DEFAULT_FANTASIES, DEFAULT_PENDING, PENDING_STRATEGIES
 from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS
 from lightning_fms.search.searcher import AUTO_WEIGHTS, CURVE_ENCODERS, SEARCHERS
 from lightning_fms.weights.registry import FEATURIZERS
@@ -59,6 +60,7 @@ FALLBACK_MODE: Literal["max", "min"] = "max"
 
 SearcherName = Literal[SEARCHERS]  # type: ignore[valid-type]
 CurveEncoderName = Literal[CURVE_ENCODERS]  # type: ignore[valid-type]
+PendingName = Literal[PENDING_STRATEGIES]  # type: ignore[valid-type]
 WeightsName = Literal[(AUTO_WEIGHTS, "none", *FEATURIZERS)]  # type: ignore[valid-type]
 Parse = Callable[[str], Any]
 
@@ -187,6 +189,12 @@ class StudyOptions:
         "Per decision, the probability of continuing the best paused trial of the highest rung instead of asking "
         "the surrogate (default: the searcher's own, 0.25 for fms, 0 for the paper's dyhpo and the plain gp).",
     )
+    pending: PendingName = option(
+        DEFAULT_PENDING,
+        "How epochs running on other workers enter a decision's fit: "
+        f"{', '.join(PENDING_STRATEGIES)} (see docs/ray.md).",
+    )
+    fantasies: int = option(DEFAULT_FANTASIES, "Posterior draws (one fit each) of pending=fantasies.", minimum=1)
     surrogate_options: dict[str, Any] | None = option(None, "Extra surrogate arguments, e.g. '{full_fit_steps: 60}'.")
     featurizer_options: dict[str, Any] | None = option(None, "Extra featurizer arguments, e.g. '{embedding_dim: 16}'.")
     frozen_layers: bool | list[float] | None = option(

@@ -29,12 +29,12 @@ class StudyProgress:
             TextColumn("[bold]FMS"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("epochs · {task.fields[trials]} trials · best {task.fields[best]}"),
+            TextColumn("epochs · {task.fields[trials]} trials · best {task.fields[best]}{task.fields[running]}"),
             TimeElapsedColumn(),
             console=self.console,
             disable=not enabled or not self.console.is_terminal,
         )
-        self._task = self._progress.add_task("study", total=budget, trials=0, best="-")
+        self._task = self._progress.add_task("study", total=budget, trials=0, best="-", running="")
 
     def __enter__(self) -> StudyProgress:
         self._progress.start()
@@ -43,15 +43,21 @@ class StudyProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def update(self, optimizer: FreezeThawOptimizer, best: str) -> None:
-        """Show the optimizer's current numbers."""
+    def update(self, optimizer: FreezeThawOptimizer, best: str, running: str = "") -> None:
+        """Show the optimizer's current numbers (``running``: what runs now, with several workers)."""
         spent = optimizer.epochs_spent
-        self._progress.update(self._task, completed=optimizer.budget_spent, trials=len(optimizer.trials), best=best)
+        self._progress.update(
+            self._task,
+            completed=optimizer.budget_spent,
+            trials=len(optimizer.trials),
+            best=best,
+            running=f" · running {running}" if running else "",
+        )
         if self.enabled and not self.console.is_terminal and spent != self._last_logged:
             if spent % self.log_every == 0 or optimizer.is_done:
                 self.console.print(
                     f"FMS {optimizer.budget_spent:.4g}/{optimizer.budget} epochs · {len(optimizer.trials)} trials · "
-                    f"best {best}",
+                    f"best {best}" + (f" · running {running}" if running else ""),
                     highlight=False,
                 )
                 self._last_logged = spent

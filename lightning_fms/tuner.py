@@ -28,6 +28,8 @@ from lightning_fms.frozen.levels import FrozenLayers, check_fractions
 from lightning_fms.hub import ModelHub
 from lightning_fms.observer import StudyObserver
 from lightning_fms.options import FALLBACK_MODE, StudyOptions
+from lightning_fms.parallel.driver import ConcurrentDriver
+from lightning_fms.parallel.protocol import is_concurrent
 from lightning_fms.progress import StudyProgress
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
 from lightning_fms.search.searcher import seeded_searcher
@@ -37,7 +39,7 @@ from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
 from lightning_fms.study.modules import StudyModules
 from lightning_fms.study.snapshots import WeightSnapshots
-from lightning_fms.training.executor import EpochJob, Executor
+from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
 
@@ -117,6 +119,10 @@ class FMSTuner:
             ``None``: no cap.
         promotion_probability: Per decision, the probability of continuing the best paused trial of the highest
             rung without the surrogate; ``None``: the searcher's default.
+        pending: How epochs running on other workers enter a decision's fit (a concurrent executor only):
+            ``"constant_liar"``, ``"kriging_believer"``, ``"fantasies"`` or ``"ignore"``
+            (:mod:`lightning_fms.search.pending`).
+        fantasies: Posterior draws of ``pending="fantasies"``.
         hub_argument: Module argument receiving the pretrained hub module (only without ``executor``).
         epochs_argument: Module argument receiving the per-trial cap (only without ``executor``).
         weights_attribute: Submodule whose weights feed the featurizer (default: ``hub_argument``; only
@@ -169,6 +175,8 @@ class FMSTuner:
         max_paused_trials: int | None = _DECLARED.max_paused_trials,
         max_surrogate_rows: int | None = _DECLARED.max_surrogate_rows,
         promotion_probability: float | None = _DECLARED.promotion_probability,
+        pending: str = _DECLARED.pending,
+        fantasies: int = _DECLARED.fantasies,
         hub_argument: str = DEFAULT_HUB_ARGUMENT,
         epochs_argument: str = DEFAULT_EPOCHS_ARGUMENT,
         weights_attribute: str | None = _DECLARED.weights_attribute,
@@ -242,6 +250,8 @@ class FMSTuner:
             frozen_layers=fractions is not None,
             promotion_probability=promotion_probability,
             max_rows=max_surrogate_rows,
+            pending=pending,
+            fantasies=fantasies,
             prior=prior,
         )
         self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
@@ -293,10 +303,13 @@ class FMSTuner:
                 observer.on_study_start(self.ledger.view(self.optimizer))
             display = StudyProgress(self.optimizer.budget, enabled=self.progress)
             with display:
-                display.update(self.optimizer, self._best_label())
-                while (suggestion := self.optimizer.ask()) is not None:
-                    self._run_one(suggestion)
-                    display.update(self.optimizer, self._best_label())
+                display.update(self.optimizer, self.best_label())
+                if is_concurrent(self.executor):
+                    ConcurrentDriver(self, self.executor).run(display)
+                else:
+                    while (suggestion := self.optimizer.ask()) is not None:
+                        self._run_one(suggestion)
+                        display.update(self.optimizer, self.best_label())
             self.ledger.write_reports(self.optimizer, final=True)
             for observer in self.observers:
                 observer.on_study_end(self.ledger.view(self.optimizer))
@@ -304,38 +317,71 @@ class FMSTuner:
         finally:
             self.study.unlock()
 
-    def _run_one(self, suggestion: Suggestion) -> None:
-        """Train the suggested epoch and commit it through the ledger (then tell the observers)."""
+    def epoch_job(self, suggestion: Suggestion, checkpoint_out: Path | None = None) -> EpochJob:
+        """The job that trains ``suggestion`` (its checkpoint to ``checkpoint_out``, default the ledger's path).
+
+        Raises:
+            CheckpointError: a paused trial's checkpoint is missing or changed.
+        """
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
+        resume_from = self.ledger.resume_checkpoint(trial_id) if suggestion.kind == SuggestionKind.RESUME else None
+        return EpochJob(
+            trial_id=trial_id,
+            config=suggestion.config,
+            epoch=epoch,
+            resume_from=resume_from,
+            checkpoint_out=checkpoint_out
+            if checkpoint_out is not None
+            else self.ledger.checkpoint_path(trial_id, epoch),
+            log_dir=self.study.trial_dir(trial_id),
+            seed=self.seed,
+            monitor=self.monitor,
+            cap=self.optimizer.cap,
+            trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
+            record_weights=self.snapshots is not None,
+        )
+
+    def _run_one(self, suggestion: Suggestion) -> None:
+        """Train the suggested epoch in this process's executor and commit it."""
         try:
-            resume_from = self.ledger.resume_checkpoint(trial_id) if suggestion.kind == SuggestionKind.RESUME else None
-            job = EpochJob(
-                trial_id=trial_id,
-                config=suggestion.config,
-                epoch=epoch,
-                resume_from=resume_from,
-                checkpoint_out=self.ledger.checkpoint_path(trial_id, epoch),
-                log_dir=self.study.trial_dir(trial_id),
-                seed=self.seed,
-                monitor=self.monitor,
-                cap=self.optimizer.cap,
-                trainable_fraction=suggestion.fraction if self.frozen_layers is not None else None,
-                record_weights=self.snapshots is not None,
-            )
-            outcome = self.executor.run_epoch(job)
+            outcome = self.executor.run_epoch(self.epoch_job(suggestion))
         except BaseException:
             self.optimizer.abandon_pending()
             raise
+        self.commit_epoch(suggestion.trial_id, suggestion.epoch, outcome)
+
+    def commit_epoch(
+        self,
+        trial_id: int,
+        epoch: int,
+        outcome: EpochOutcome,
+        *,
+        worker: str | None = None,
+        checkpoint: Path | None = None,
+    ) -> None:
+        """Commit an epoch through the ledger, then tell the observers.
+
+        Args:
+            trial_id: The trial.
+            epoch: The epoch.
+            outcome: What it produced.
+            worker: Who trained it, for a claimed epoch (``None``: the pending ``ask`` of this process).
+            checkpoint: Where its checkpoint is, when not at the ledger's default path.
+        """
         if outcome.error is not None:
             log.warning("trial %d failed at epoch %d: %s", trial_id, epoch, outcome.error)
-        self.ledger.commit(self.optimizer, trial_id, epoch, outcome)
+        claimed = trial_id in self.optimizer.running
+        self.ledger.commit(
+            self.optimizer, trial_id, epoch, outcome, claimed=claimed, worker=worker, checkpoint=checkpoint
+        )
         if self.observers:
             view = self.ledger.view(self.optimizer)
             for observer in self.observers:
                 observer.on_epoch_end(view, view.trials[trial_id], epoch, dict(outcome.metrics))
 
     # ------------------------------------------------------------------ best checkpoint
-    def _best_label(self) -> str:
+    def best_label(self) -> str:
+        """The best value so far with its trial, hub entry and epoch (``"-"`` before any), for the display."""
         best = self.ledger.best
         if best is None:
             return "-"
@@ -354,7 +400,12 @@ class FMSTuner:
             )
         self.optimizer.load_state_dict(state)
         self.ledger.load_state_dict(state.get("tuner", {}))
+        released = self.optimizer.release_all()  # this process holds the study lock: their driver is gone
+        if released:
+            log.warning("gave back %d epochs that a stopped run had in flight (trials %s)", len(released), released)
+            self.ledger.save(self.optimizer)
         self.ledger.prune_orphans()
+        self.study.delete_stale_temporaries()
         log.info("resumed study %s at %d epochs", self.study.path, self.optimizer.epochs_spent)
 
     # ------------------------------------------------------------------ outputs

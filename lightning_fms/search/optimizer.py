@@ -174,8 +174,13 @@ class FreezeThawOptimizer:
             for f in fl.levels_from(t.last_fraction)
         ]
         out += [Candidate(None, c, 1, f, self._cost(c, f)) for c in fresh for f in fl.fractions]
-        left = self.budget - self.budget_spent + _SLACK
+        left = self.budget - self.budget_spent - self.running_cost + _SLACK
         return [c for c in out if c.cost <= left]
+
+    @property
+    def running_cost(self) -> float:
+        """Full-epoch equivalents of the epochs claimed and not yet completed (they count against the budget)."""
+        return float(sum(claimed.decision.cost for claimed in self.running.values()))
 
     def _cost(self, config: dict[str, Any], fraction: float) -> float:
         """Full-epoch equivalents an epoch of ``config`` at ``fraction`` is charged."""
@@ -238,7 +243,7 @@ class FreezeThawOptimizer:
             curve = tuple(to_score(v, self.mode) for v in trial.values[:known])
             weight_key = weight_key_before(self.space, trial.id, config, known + 1)
             specs.append(RowSpec(dict(config), epoch, curve, weight_key))
-        context = self._context()
+        context = self.selection_context()
         try:
             mean, variance = self.searcher.predict(context, specs)
         except (RuntimeError, AttributeError) as error:
@@ -256,15 +261,25 @@ class FreezeThawOptimizer:
             raise RuntimeError(f"trial {self._pending.trial_id} epoch {self._pending.epoch} was asked and not told")
         if self.is_done:
             return None
-        decision = self._choose(len(self.decisions))
+        decision = self._choose(self._next_index())
         if decision is None:
             return None
         self._pending = decision
         self._searcher_state_after_ask = self.searcher.state_dict()
         return self.pending
 
-    def _choose(self, index: int) -> Decision | None:
+    def _next_index(self) -> int:
+        """The next decision's index: one past every index recorded or running (an epoch given back frees none)."""
+        used = [int(d["decision"]) for d in self.decisions] + [c.decision.index for c in self.running.values()]
+        return max(used, default=-1) + 1
+
+    def _choose(self, index: int, current_fit: bool = False) -> Decision | None:
         """Decision ``index``: pick the next epoch (startup draws, then the searcher) and mark its trial running.
+
+        Args:
+            index: The decision's index (it seeds the fresh candidates and the searcher).
+            current_fit: Score with the surrogate as last fitted instead of refitting (a surrogate searcher's
+                :meth:`~lightning_fms.search.searcher.SurrogateSearcher.select_with_current_fit`).
 
         Returns:
             The decision, or ``None`` when no candidate is left.
@@ -276,8 +291,12 @@ class FreezeThawOptimizer:
             fresh = [i for i, c in enumerate(candidates) if c.trial_id is None]
             position, diagnostics = (fresh[0] if fresh else 0), {"surrogate_s": 0.0}
         else:
-            context = self._context()
-            selection = self.searcher.select(context, candidates, derive_seed(self.seed, "surrogate", index))
+            context = self.selection_context()
+            seed = derive_seed(self.seed, "surrogate", index)
+            if current_fit and isinstance(self.searcher, SurrogateSearcher):
+                selection = self.searcher.select_with_current_fit(context, candidates, seed)
+            else:
+                selection = self.searcher.select(context, candidates, seed)
             position, diagnostics = selection.index, selection.info
         chosen = candidates[position]
         if chosen.trial_id is None:
@@ -300,10 +319,28 @@ class FreezeThawOptimizer:
             diagnostics=tuple(diagnostics.items()),
         )
 
-    def _context(self) -> SelectionContext:
+    def selection_context(self) -> SelectionContext:
+        """What the searcher sees now: the space, every trial, and the epochs running now as pending rows."""
         return SelectionContext(
-            self.space, self.trials, self.mode, self.cap, self.modules, frozen_layers=self.frozen_layers is not None
+            self.space,
+            self.trials,
+            self.mode,
+            self.cap,
+            self.modules,
+            frozen_layers=self.frozen_layers is not None,
+            pending=tuple(self._pending_specs()),
         )
+
+    def _pending_specs(self) -> list[RowSpec]:
+        """One row per epoch running now (claimed, not completed): what the searcher treats as pending."""
+        specs = []
+        for trial_id, claimed in self.running.items():
+            trial = self.trials[trial_id]
+            epoch = claimed.decision.epoch
+            curve = tuple(to_score(v, self.mode) for v in trial.values[: epoch - 1])
+            key = weight_key_before(self.space, trial_id, trial.config, epoch)
+            specs.append(RowSpec(dict(trial.config), epoch, curve, key, claimed.decision.fraction))
+        return specs
 
     def tell(self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0) -> list[int]:
         """Record the monitored value after ``epoch`` of ``trial_id``.
@@ -333,7 +370,9 @@ class FreezeThawOptimizer:
         self._searcher_state_committed = self._searcher_state_after_ask or {}
         self._pending = None
 
-    def _record(self, decision: Decision, value: float, wall_s: float, error: str | None) -> list[int]:
+    def _record(
+        self, decision: Decision, value: float, wall_s: float, error: str | None, worker: str | None = None
+    ) -> list[int]:
         """Commit a decision's outcome (``tell``/``tell_failure`` and ``complete`` alike).
 
         The trial gets the value (or fails, also when the value is not finite), the budget is charged the
@@ -359,7 +398,10 @@ class FreezeThawOptimizer:
             trial.fractions.append(decision.fraction)
         self.epochs_spent += 1
         self.budget_spent += float(decision.cost)
-        self.decisions.append(decision.log_entry(value, self.epochs_spent, self.budget_spent, wall_s))
+        entry = decision.log_entry(value, self.epochs_spent, self.budget_spent, wall_s)
+        if worker is not None:
+            entry["worker"] = worker
+        self.decisions.append(entry)
         return self._enforce_paused_limit() if error is None else []
 
     def _enforce_paused_limit(self) -> list[int]:
@@ -461,13 +503,18 @@ class FreezeThawOptimizer:
             self.trials[trial_id].status = TrialStatus.RUNNING
 
     # ------------------------------------------------------------------ several suggestions in flight
-    def claim(self, owner: dict[str, Any]) -> Suggestion | None:
+    def claim(self, owner: dict[str, Any], current_fit: bool = False) -> Suggestion | None:
         """Like :meth:`ask`, for several workers sharing one persisted study: the suggestion stays *running*.
 
         A running suggestion is part of :meth:`state_dict` (with ``owner``, e.g. the worker's pid), its
         trial is no candidate, and its epoch counts against the budget until it is completed with
         :meth:`complete` or given back with :meth:`release`. Use it on a freshly loaded state and save
-        the state right after, under a lock shared by the workers.
+        the state right after, under a lock shared by the workers. The epochs running now are the searcher's
+        pending rows (:attr:`~lightning_fms.search.searcher.SelectionContext.pending`).
+
+        Args:
+            owner: Who trains it, persisted with the claim (to give it back if that worker dies).
+            current_fit: Decide with the surrogate as last fitted, without refitting (while it refits elsewhere).
 
         Returns:
             The suggestion, or ``None`` when the budget is spent (counting running epochs) or nothing is
@@ -475,11 +522,9 @@ class FreezeThawOptimizer:
         """
         if self._pending is not None:
             raise RuntimeError("claim() cannot be mixed with a pending ask()")
-        if self.frozen_layers is not None:
-            raise FMSError("the frozen-layer fidelity is not supported with several workers sharing a study yet")
-        if self.epochs_spent + len(self.running) >= self.budget:
+        if self.budget_spent + self.running_cost >= self.budget - _SLACK:
             return None
-        decision = self._choose(len(self.decisions) + len(self.running))
+        decision = self._choose(self._next_index(), current_fit=current_fit)
         if decision is None:
             return None
         self._searcher_state_committed = self.searcher.state_dict()
@@ -487,20 +532,36 @@ class FreezeThawOptimizer:
         return decision.suggestion(self.trials[decision.trial_id].config)
 
     def complete(
-        self, trial_id: int, epoch: int, value: float, wall_s: float = 0.0, error: str | None = None
+        self,
+        trial_id: int,
+        epoch: int,
+        value: float,
+        wall_s: float = 0.0,
+        error: str | None = None,
+        worker: str | None = None,
     ) -> list[int]:
-        """Record the outcome of an epoch from :meth:`claim` (``error`` set: it failed); see :meth:`tell`."""
+        """Record the outcome of an epoch from :meth:`claim` (``error`` set: it failed); see :meth:`tell`.
+
+        ``worker`` (who trained it) goes into the decision log when given.
+        """
         claimed = self.running.get(trial_id)
         if claimed is None or claimed.decision.epoch != epoch:
             raise RuntimeError(f"trial {trial_id} epoch {epoch} is not running")
         del self.running[trial_id]
-        return self._record(claimed.decision, value, wall_s, error)
+        return self._record(claimed.decision, value, wall_s, error, worker)
 
     def release(self, trial_id: int) -> None:
         """Give an epoch from :meth:`claim` back untrained (its worker died): the trial is paused again or forgotten."""
         claimed = self.running.pop(trial_id, None)
         if claimed is not None:
             self._forget(claimed.decision)
+
+    def release_all(self) -> list[int]:
+        """Give back every running epoch (their owner is gone, e.g. a killed driver); the trials they were for."""
+        trial_ids = list(self.running)
+        for trial_id in trial_ids:
+            self.release(trial_id)
+        return trial_ids
 
 
 def _prior_mismatch(saved: str | None, mine: str | None) -> str:

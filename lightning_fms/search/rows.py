@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_fms.search.space import SearchSpace
-from lightning_fms.search.trial import Trial, TrialStatus, to_score
+from lightning_fms.search.trial import Trial, to_score
 from lightning_fms.surrogate._base import SurrogateRows
 
 WeightKey = tuple[Hashable, ...]
@@ -73,12 +73,14 @@ def weight_key_before(space: SearchSpace, trial_id: int, config: dict[str, Any],
 
 
 def training_specs(space: SearchSpace, trials: Sequence[Trial], mode: str) -> tuple[list[RowSpec], list[float]]:
-    """One row per observed epoch of every trial (running ones excluded), with its score as target."""
+    """One row per observed epoch of every trial, with its score as target.
+
+    A running trial contributes the epochs it has completed (the one in flight is a pending row, see
+    :attr:`~lightning_fms.search.searcher.SelectionContext.pending`).
+    """
     specs: list[RowSpec] = []
     targets: list[float] = []
     for trial in trials:
-        if trial.status == TrialStatus.RUNNING:
-            continue
         scores = [to_score(v, mode) for v in trial.values]
         for k, score in enumerate(scores, start=1):
             if score == -float("inf"):

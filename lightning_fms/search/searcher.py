@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lightning_fms.errors import FMSError
+from lightning_fms.search.pending import DEFAULT_FANTASIES, DEFAULT_PENDING, check_pending, pending_targets
 from lightning_fms.search.promotion import promotion_index
 from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS, cap_rows
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
@@ -60,6 +61,8 @@ class SelectionContext:
         frozen_layers: Whether the frozen-layer fidelity is on: rows carry the trainable fraction as an
             extra input column, incumbents are per (epoch, fraction), and expected improvement is divided
             by each candidate's cost.
+        pending: One row per epoch running on another worker now (:mod:`lightning_fms.search.pending`); empty
+            when one epoch runs at a time.
     """
 
     space: SearchSpace
@@ -68,6 +71,22 @@ class SelectionContext:
     cap: int
     modules: ModuleProvider | None = None
     frozen_layers: bool = False
+    pending: tuple[RowSpec, ...] = ()
+
+
+@dataclass
+class FitPlan:
+    """The fits one decision asks for: the same rows, one target vector per fit (several with fantasies).
+
+    Attributes:
+        rows: ``N + P`` encoded rows: the ``N`` observed (after the row cap), then the ``P`` pending ones.
+        targets: ``K`` target vectors, each ``[N + P]`` (observed scores, then the pending rows' made-up ones).
+        seeds: The seed of each of the ``K`` fits.
+    """
+
+    rows: Any
+    targets: list[torch.Tensor]
+    seeds: list[int]
 
 
 @dataclass
@@ -119,6 +138,9 @@ class SurrogateSearcher(Searcher):
             row): the paper's setting, where only the weights tell the models apart.
         prior_fingerprint: The fingerprint of the prior applied to ``surrogate`` (``None``: none), recorded in
             the study's settings so that a study is never resumed with another prior.
+        pending: How epochs running on other workers enter the fit, one of
+            :data:`~lightning_fms.search.pending.PENDING_STRATEGIES`.
+        fantasies: Posterior draws of the ``"fantasies"`` strategy (one fit each).
     """
 
     def __init__(
@@ -131,7 +153,10 @@ class SurrogateSearcher(Searcher):
         promotion_probability: float = 0.0,
         hide_hub: bool = False,
         prior_fingerprint: str | None = None,
+        pending: str = DEFAULT_PENDING,
+        fantasies: int = DEFAULT_FANTASIES,
     ) -> None:
+        check_pending(pending, fantasies)
         if not 0.0 <= float(promotion_probability) <= 1.0:
             raise FMSError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}")
         if max_rows is not None and int(max_rows) < 2:
@@ -144,6 +169,8 @@ class SurrogateSearcher(Searcher):
         self.promotion_probability = float(promotion_probability)
         self.hide_hub = bool(hide_hub)
         self.prior_fingerprint = prior_fingerprint
+        self.pending = pending
+        self.fantasies = int(fantasies)
 
     def _encode(self, context: SelectionContext, specs: Sequence[RowSpec]) -> Any:
         """Encode rows for the surrogate (hub columns zeroed when the hub is hidden)."""
@@ -159,7 +186,65 @@ class SurrogateSearcher(Searcher):
         return rows
 
     def select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int) -> Selection:
-        """Fit on all observations, then maximise expected improvement over ``candidates``."""
+        """Fit on all observations (and the pending epochs), then maximise expected improvement over ``candidates``."""
+        return self._select(context, candidates, seed, refit=True)
+
+    def select_with_current_fit(
+        self, context: SelectionContext, candidates: Sequence[Candidate], seed: int
+    ) -> Selection:
+        """Like :meth:`select`, but score with the surrogate as last fitted (no fit; for decisions while it refits).
+
+        Falls back to :meth:`select` while the surrogate has never been fitted.
+        """
+        return self._select(context, candidates, seed, refit=not self.has_fit)
+
+    @property
+    def has_fit(self) -> bool:
+        """Whether the surrogate has been fitted at least once (its posterior is more than the prior)."""
+        return int(getattr(self.surrogate, "num_fits", 1)) > 0
+
+    def fit_plan(self, context: SelectionContext, seed: int) -> FitPlan | None:
+        """The rows and targets of this decision's fits (``None``: too few observations to fit).
+
+        Observed rows are capped (:func:`~lightning_fms.search.row_cap.cap_rows`); pending rows follow with the
+        targets of :attr:`pending` (:func:`~lightning_fms.search.pending.pending_targets`).
+        """
+        specs, targets = training_specs(context.space, list(context.trials.values()), context.mode)
+        if len(specs) < self.min_rows:
+            return None
+        keep = cap_rows(specs, self.max_rows, derive_seed(seed, "row cap"))
+        fit_specs = [specs[i] for i in keep]
+        fit_targets = [targets[i] for i in keep]
+        pending = list(context.pending) if self.pending != "ignore" else []
+        with torch_threads(self.cpu_threads):
+            lies: list[list[float]] = [[]]
+            if pending:
+                previous = None
+                if self.has_fit:
+                    pending_rows = self._encode(context, pending)
+                    previous = lambda: self.surrogate.posterior(pending_rows)  # noqa: E731
+                lies = pending_targets(
+                    self.pending, fit_targets, len(pending), previous, derive_seed(seed, "fantasies"), self.fantasies
+                )
+            rows = self._encode(context, fit_specs + pending)
+        seeds = [seed] + [derive_seed(seed, "fantasy", k) for k in range(1, len(lies))]
+        return FitPlan(rows, [torch.tensor(fit_targets + lie, dtype=torch.float32) for lie in lies], seeds)
+
+    def fit_surrogate(self, surrogate: Surrogate, plan: FitPlan) -> Surrogate:
+        """Fit ``surrogate`` (a copy of :attr:`surrogate`) on ``plan``'s first target vector; returns it.
+
+        For a fit off the decision path (another thread): the searcher's own surrogate is not touched, so
+        decisions may go on with it until :meth:`adopt` swaps the fitted copy in.
+        """
+        with torch_threads(self.cpu_threads):
+            surrogate.fit(plan.rows, plan.targets[0], plan.seeds[0])
+        return surrogate
+
+    def adopt(self, surrogate: Surrogate) -> None:
+        """Decide with ``surrogate`` from now on (one returned by :meth:`fitted_copy`)."""
+        self.surrogate = surrogate
+
+    def _select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int, refit: bool) -> Selection:
         specs, targets = training_specs(context.space, list(context.trials.values()), context.mode)
         if len(specs) < self.min_rows:
             return Selection(index=0, info={"surrogate_s": 0.0})
@@ -172,33 +257,38 @@ class SurrogateSearcher(Searcher):
                 return Selection(index=promoted, info={"surrogate_s": 0.0, "promotion": 1.0})
         two_d = context.frozen_layers
         start = time.perf_counter()
-        keep = cap_rows(specs, self.max_rows, derive_seed(seed, "row cap"))
-        fit_specs = [specs[i] for i in keep]
-        fit_targets = [targets[i] for i in keep]
+        plan = self.fit_plan(context, seed) if refit else None
+        posteriors = []
         with torch_threads(self.cpu_threads):
-            rows = self._encode(context, fit_specs)
-            self.surrogate.fit(rows, torch.tensor(fit_targets, dtype=torch.float32), seed)
-            cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
-            cand_rows = self._encode(context, cand_specs)
-            mean, variance = self.surrogate.posterior(cand_rows)
+            cand_rows = None
+            for targets_k, seed_k in zip(plan.targets, plan.seeds) if plan is not None else [(None, None)]:
+                if plan is not None:
+                    self.surrogate.fit(plan.rows, targets_k, seed_k)
+                if cand_rows is None:
+                    cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
+                    cand_rows = self._encode(context, cand_specs)
+                posteriors.append(self.surrogate.posterior(cand_rows))
         incumbents = budget_incumbents(
             torch.tensor([_fidelity_id(s.epoch, s.fraction, two_d) for s in specs], dtype=torch.long),
             torch.tensor(targets, dtype=torch.float64),
             torch.tensor([_fidelity_id(c.epoch, c.fraction, two_d) for c in candidates], dtype=torch.long),
         )
-        ei = expected_improvement(mean.double(), variance.double(), incumbents)
+        ei = sum(expected_improvement(m.double(), v.double(), incumbents) for m, v in posteriors) / len(posteriors)
         if two_d:  # improvement per full-epoch equivalent spent
             ei = ei / torch.tensor([c.cost for c in candidates], dtype=torch.float64).clamp_min(1e-6)
         index = int(torch.argmax(ei))
-        return Selection(
-            index=index,
-            info={
-                "acquisition": float(ei[index]),
-                "predicted_mean": float(mean[index]),
-                "predicted_std": float(variance[index].clamp_min(0).sqrt()),
-                "surrogate_s": time.perf_counter() - start,
-            },
-        )
+        mean, variance = posteriors[0]
+        info = {
+            "acquisition": float(ei[index]),
+            "predicted_mean": float(mean[index]),
+            "predicted_std": float(variance[index].clamp_min(0).sqrt()),
+            "surrogate_s": time.perf_counter() - start,
+        }
+        if context.pending and self.pending != "ignore":
+            info["pending"] = float(len(context.pending))
+        if not refit:
+            info["current_fit"] = 1.0
+        return Selection(index=index, info=info)
 
     def predict(self, context: SelectionContext, specs: Sequence[RowSpec]) -> tuple[torch.Tensor, torch.Tensor]:
         """The fitted surrogate's posterior for rows (no refit; call after at least one :meth:`select` that fit).
@@ -270,6 +360,8 @@ def build_searcher(
     promotion_probability: float | None = None,
     max_rows: int | None = DEFAULT_MAX_ROWS,
     prior: Any = None,
+    pending: str = DEFAULT_PENDING,
+    fantasies: int = DEFAULT_FANTASIES,
 ) -> Searcher:
     """Build a searcher by name.
 
@@ -295,6 +387,8 @@ def build_searcher(
             imported only when a prior is given). It is checked to fit this searcher and space, then every
             fresh surrogate fit starts from it (:mod:`lightning_fms.transfer.apply`). Only for
             :data:`PRIOR_SEARCHERS`.
+        pending: How epochs running on other workers enter a fit (:mod:`lightning_fms.search.pending`).
+        fantasies: Posterior draws of ``pending="fantasies"``.
 
     Raises:
         FMSError: an unknown name or option; a prior that cannot be read or does not fit
@@ -306,6 +400,7 @@ def build_searcher(
         raise FMSError(f"unknown curve encoder {curve!r} (expected one of {', '.join(CURVE_ENCODERS)})")
     if prior is not None and name not in PRIOR_SEARCHERS:
         raise FMSError(f"a prior is for the {' or '.join(PRIOR_SEARCHERS)} searcher, not {name!r}")
+    check_pending(pending, fantasies)
     if name == "random":
         return RandomSearcher()
     weights = resolve_weights(name, space, weights)
@@ -349,6 +444,8 @@ def build_searcher(
         promotion_probability=probability,
         hide_hub=hide_hub,
         prior_fingerprint=prior.fingerprint if prior is not None else None,
+        pending=pending,
+        fantasies=fantasies,
     )
 
 
@@ -369,6 +466,8 @@ def seeded_searcher(
     promotion_probability: float | None = None,
     max_rows: int | None = DEFAULT_MAX_ROWS,
     prior: Any = None,
+    pending: str = DEFAULT_PENDING,
+    fantasies: int = DEFAULT_FANTASIES,
 ) -> Searcher:
     """:func:`build_searcher` whose initial parameters depend on ``seed`` only, its featurizer warmed up.
 
@@ -393,6 +492,8 @@ def seeded_searcher(
         promotion_probability: As for :func:`build_searcher`.
         max_rows: As for :func:`build_searcher`.
         prior: As for :func:`build_searcher`.
+        pending: As for :func:`build_searcher`.
+        fantasies: As for :func:`build_searcher`.
 
     Raises:
         FMSError: as :func:`build_searcher` and :func:`warm_featurizer`.
@@ -413,6 +514,8 @@ def seeded_searcher(
             promotion_probability=promotion_probability,
             max_rows=max_rows,
             prior=prior,
+            pending=pending,
+            fantasies=fantasies,
         )
         if search.uses_weights and modules is not None:
             warm_featurizer(search, space, modules, weights)

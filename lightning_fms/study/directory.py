@@ -164,6 +164,26 @@ class StudyDirectory:
         """Where weight snapshots for the featurizer live."""
         return self.path / "weights"
 
+    def delete_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of interrupted atomic writes (``.<name>.*tmp``) in the study; the deleted.
+
+        Only for the process that holds the study alone (:meth:`lock`): any such file was left by a process that
+        died mid-write.
+        """
+        deleted = []
+        folders = [self.path, self.path / "trials", self.weights_dir]
+        trials = self.path / "trials"
+        if trials.is_dir():
+            folders += [d for d in trials.iterdir() if d.is_dir()]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(".*tmp"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    deleted.append(path)
+        return deleted
+
     def verify_checkpoint(self, path: Path, sha256: str | None) -> None:
         """Check that a checkpoint is the one the study wrote.
 

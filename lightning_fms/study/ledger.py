@@ -108,6 +108,14 @@ class StudyLedger:
         """Where the checkpoint after ``epoch`` of ``trial_id`` must be written before :meth:`commit`."""
         return self.study.trial_dir(trial_id) / f"epoch-{epoch}.ckpt"
 
+    def attempt_checkpoint_path(self, trial_id: int, epoch: int, decision: int) -> Path:
+        """A versioned checkpoint path for one attempt at ``epoch`` (decision ``decision``), for concurrent workers.
+
+        An epoch given back (its worker lost) and trained again gets a new decision and so a new file: a worker
+        that was only cut off and finishes late cannot overwrite the checkpoint the study committed.
+        """
+        return self.study.trial_dir(trial_id) / f"epoch-{epoch}.d{decision}.ckpt"
+
     def resume_checkpoint(self, trial_id: int) -> Path:
         """The checkpoint a paused trial resumes from, verified against the sha256 the study recorded.
 
@@ -135,6 +143,8 @@ class StudyLedger:
         outcome: EpochOutcome,
         *,
         claimed: bool = False,
+        worker: str | None = None,
+        checkpoint: Path | None = None,
     ) -> list[int]:
         """Commit a trained (or failed) epoch: record it, save the state, prune checkpoints, write the reports.
 
@@ -146,22 +156,25 @@ class StudyLedger:
             outcome: What the epoch produced (``value``, ``error``, ``wall_s``; ``weights`` when the study
                 records weights).
             claimed: The epoch came from ``claim`` (several workers), not from ``ask``.
+            worker: Who trained it (recorded in the decision log with a claimed epoch).
+            checkpoint: Where its checkpoint was written, when not at :meth:`checkpoint_path` (a versioned name,
+                :meth:`attempt_checkpoint_path`).
 
         Returns:
             The trials stopped by ``max_paused_trials`` (their checkpoints are gone).
         """
         if outcome.error is not None:
-            stopped = _tell(optimizer, trial_id, epoch, outcome, claimed)
+            stopped = _tell(optimizer, trial_id, epoch, outcome, claimed, worker)
             self.checkpoints.pop(trial_id, None)
         else:
-            checkpoint = self.checkpoint_path(trial_id, epoch)
+            checkpoint = checkpoint if checkpoint is not None else self.checkpoint_path(trial_id, epoch)
             if self.snapshots is not None and outcome.weights is not None:
                 self.snapshots.put(("trial", trial_id, epoch), outcome.weights)
             self._keep_if_best(checkpoint, trial_id, epoch, outcome.value)
             self.checkpoints[trial_id] = CheckpointRef(
                 str(checkpoint.relative_to(self.study.path)), sha256_file(checkpoint)
             )
-            stopped = _tell(optimizer, trial_id, epoch, outcome, claimed)
+            stopped = _tell(optimizer, trial_id, epoch, outcome, claimed, worker)
             if optimizer.trials[trial_id].status != TrialStatus.PAUSED:
                 self.checkpoints.pop(trial_id, None)
         for other in stopped:
@@ -254,10 +267,17 @@ class StudyLedger:
         )
 
 
-def _tell(optimizer: FreezeThawOptimizer, trial_id: int, epoch: int, outcome: EpochOutcome, claimed: bool) -> list[int]:
+def _tell(
+    optimizer: FreezeThawOptimizer,
+    trial_id: int,
+    epoch: int,
+    outcome: EpochOutcome,
+    claimed: bool,
+    worker: str | None = None,
+) -> list[int]:
     """Record the outcome with the optimizer, through ``complete`` for a claimed epoch, else ``tell``."""
     if claimed:
-        return optimizer.complete(trial_id, epoch, outcome.value, outcome.wall_s, error=outcome.error)
+        return optimizer.complete(trial_id, epoch, outcome.value, outcome.wall_s, error=outcome.error, worker=worker)
     if outcome.error is not None:
         return optimizer.tell_failure(trial_id, epoch, outcome.error, outcome.wall_s)
     return optimizer.tell(trial_id, epoch, outcome.value, outcome.wall_s)

@@ -37,6 +37,7 @@ TRAJECTORY_COLUMNS = (
     "wall_s",
     "surrogate_s",
     "trainable_fraction",
+    "worker",
 )
 
 
@@ -84,6 +85,7 @@ def trajectory_rows(study: DecisionLog, families: Mapping[str, str]) -> list[dic
                 "wall_s": round(float(decision.get("wall_s", 0.0)), 4),
                 "surrogate_s": round(float(decision.get("surrogate_s", 0.0)), 4),
                 "trainable_fraction": float(decision.get("trainable_fraction", 1.0)),
+                "worker": str(decision.get("worker", "")),
             }
         )
     return rows

@@ -238,6 +238,13 @@ class ByteLRU:
         self.hits = 0
         self.misses = 0
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ByteLRU:
+        """The cache itself: a deep copy of its holder (a surrogate copied to refit in another thread) shares it.
+
+        It is thread-safe, and its values are inputs derived from weights, not learned state.
+        """
+        return self
+
     def get(self, key: Hashable) -> Any | None:
         """The value under ``key`` (marked recently used), or ``None``."""
         with self._lock:

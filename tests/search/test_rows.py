@@ -40,13 +40,14 @@ def test_minimised_metrics_become_scores():
     assert targets == [-0.1, -0.2, -0.3, -0.4]
 
 
-def test_running_and_failed_epochs_are_not_rows():
+def test_failed_epochs_are_not_rows_and_a_running_trial_gives_its_completed_epochs():
     ts = trials()
-    ts[1].status = TrialStatus.RUNNING
+    ts[1].status = TrialStatus.RUNNING  # its epoch in flight is a pending row, the completed one a training row
     ts[0].values.append(float("nan"))
     ts[0].status = TrialStatus.FAILED
     specs, targets = training_specs(SPACE, list(ts.values()), "max")
-    assert targets == [0.1, 0.2, 0.3]
+    assert targets == [0.1, 0.2, 0.3, 0.4]
+    assert [(s.config["hub"], s.epoch) for s in specs][-1] == ("b", 1)
 
 
 def test_encoding_shapes_and_weight_dedup():
