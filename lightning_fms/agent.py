@@ -96,6 +96,8 @@ class AgentSettings:
         max_paused_trials: Bound on paused trials (default unbounded).
         max_surrogate_rows: Cap on the surrogate's training rows.
         promotion_probability: Probability of continuing the best paused trial without the surrogate.
+        pending: How the epochs other agents are training enter a decision's fit.
+        fantasies: Posterior draws of ``pending="fantasies"``.
         surrogate_options: Extra surrogate arguments.
         featurizer_options: Extra featurizer arguments.
         prior: A prior file written by ``lightning-fms pretrain`` (stored as an absolute path; every agent
@@ -118,6 +120,8 @@ class AgentSettings:
     max_paused_trials: int | None = None
     max_surrogate_rows: int | None = None
     promotion_probability: float | None = None
+    pending: str | None = None
+    fantasies: int | None = None
     surrogate_options: dict[str, Any] | None = None
     featurizer_options: dict[str, Any] | None = None
     prior: str | None = None
@@ -284,6 +288,8 @@ class StudyAgent:
             surrogate_options=_stored(stored, "surrogate_options"),
             featurizer_options=_stored(stored, "featurizer_options"),
             promotion_probability=_stored(stored, "promotion_probability"),
+            pending=_stored(stored, "pending"),
+            fantasies=_stored(stored, "fantasies"),
             max_rows=_stored(stored, "max_surrogate_rows"),
             prior=_stored(stored, "prior"),
         )
