@@ -176,6 +176,7 @@ class StudyAgent:
         self.snapshots = WeightSnapshots(self.study.weights_dir)
         self._hub: ModelHub | None = None
         self._modules: StudyModules | None = None
+        self._runner: CommandRunner | None = None
         self._kept_pretrained = False
 
     # ------------------------------------------------------------------ state
@@ -383,14 +384,15 @@ class StudyAgent:
         if isinstance(resume, str):  # the checkpoint is missing or was modified
             return EpochOutcome(error=resume)
         stored = ledger.settings or {}
-        assert self._modules is not None  # built by _load
-        runner = CommandRunner(
-            self.command,
-            self.study.path,
-            hub_key=self._modules.space.hub_key,
-            hub=self._hub,
-            weights_attribute=_stored(stored, "weights_attribute"),
-        )
+        if self._runner is None:
+            assert self._modules is not None  # built by _load
+            self._runner = CommandRunner(
+                self.command,
+                self.study.path,
+                hub_key=self._modules.space.hub_key,
+                hub=self._hub,
+                weights_attribute=_stored(stored, "weights_attribute"),
+            )
         job = EpochJob(
             trial_id=trial_id,
             config=suggestion.config,
@@ -403,7 +405,7 @@ class StudyAgent:
             cap=int(stored["max_epochs_per_trial"]),
             record_weights=ledger.snapshots is not None,  # the study reads weights: the script's callback writes them
         )
-        return runner.run_epoch(job)
+        return self._runner.run_epoch(job)
 
     def _finish(
         self, optimizer: FreezeThawOptimizer, ledger: StudyLedger, suggestion: Suggestion, outcome: EpochOutcome

@@ -232,6 +232,7 @@ def test_an_fms_study_with_a_hub_and_gmn_through_the_agent_is_the_tuners(in_work
     assert "parameters" in json.loads(header["__metadata__"][DESCRIPTION_KEY])
 
 
+@pytest.mark.slow
 def test_the_default_fms_study_reads_summary_features_through_a_plain_script(in_workdir, capsys, tmp_path):
     """``weights: auto`` (summary features for fms on a hub) with a plain script; the script receives the path."""
     budget, cap = 3, 2  # one random start, then two decisions of the surrogate on the weights after epoch 1

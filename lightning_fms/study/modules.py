@@ -71,11 +71,6 @@ class StudyModules:
         self._modules[key] = module
         return module
 
-    def pretrained_state(self, entry: str) -> dict[str, Any]:
-        """The ``state_dict`` of ``entry``'s pretrained network (what a trial's recorded weights must match)."""
-        assert self.space.hub_key is not None
-        return self(("hub", str(entry)), {self.space.hub_key: entry}).state_dict()
-
     def store_pretrained(self, hub: ModelHub | None) -> None:
         """Keep each hub entry's pretrained weights (``W_0``) once in the snapshots, as ``("hub", entry)``.
 

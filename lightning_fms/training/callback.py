@@ -83,6 +83,10 @@ class EpochReport:
 class FMSCheckpointCallback(Callback):
     """Record the monitored value and the weights after every validation, and stop where told.
 
+    Under ``lightning-fms agent`` it also seeds the run as the in-process executor seeds the trial: when it is
+    built (build it before the module, as LightningCLI does, so fresh layers get the trial's initial seed) and in
+    training (data order and per-epoch generators, as :class:`~lightning_fms.training.seeder.TrialSeeder`).
+
     Args:
         monitor: Name of the logged metric to record (for example ``"val_acc"``); may be left out under
             ``lightning-fms agent``, which names it in ``LIGHTNING_FMS_MONITOR``.
