@@ -2,8 +2,9 @@
 
 ``lightning-fms tune --config recipes/demo.yaml --study_dir runs/demo --seed 0 --budget 100`` runs (or
 resumes) a study; every option of :class:`~lightning_fms.options.StudyOptions` is a flag (``--searcher gp``,
-``--frozen_layers true``, ...) that overrides the recipe. Problems with the input are reported as one line,
-``lightning-fms: error: ...``, with exit status 2 and no traceback; what the study already recorded is kept.
+``--frozen_layers true``, ``--ray.workers 4``, ...) that overrides the recipe. Problems with the input are reported
+as one line, ``lightning-fms: error: ...``, with exit status 2 and no traceback; what the study already recorded is
+kept.
 
 ``lightning-fms fit --model pkg.Module --data pkg.DataModule [--config cfg.yaml] --tuner fms ...`` is
 :class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
@@ -167,7 +168,12 @@ def _tune(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_yaml(args.config, flag_values(args, option_names()))
     tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
-    result = tuner.run()
+    try:
+        result = tuner.run()
+    finally:
+        close = getattr(tuner.executor, "close", None)  # a Ray executor stops its workers (and a local cluster)
+        if close is not None:
+            close()
     print(json.dumps(result.summary(), indent=2, default=str))
     return 0
 

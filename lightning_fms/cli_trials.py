@@ -114,6 +114,9 @@ class CLITrialBuilder:
         self.sub: str | None = cli.subcommand
         self.cap = cap
         self.weights_attribute = weights_attribute
+        self.base_dir = base_dir
+        self.max_epochs_key = max_epochs_key
+        self.reads_weights = reads_weights
         parser = cli.parser
         full = yaml.safe_load(parser.dump(cli.config, skip_link_targets=True, skip_none=False))
         self._section(full).pop("tuner", None)
