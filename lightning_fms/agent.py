@@ -73,8 +73,9 @@ class AgentSettings:
     Every field but ``space_file`` and ``hub`` is an option of :class:`~lightning_fms.options.StudyOptions` (the
     ``lightning-fms agent`` flags are generated from there, with their help); a new study takes the declared
     default of each one left out, except ``budget`` and ``monitor`` (required) and ``mode`` (the space file's
-    goal, else ``"max"``). The study options an agent does not take: ``frozen_layers`` (refused with several
-    workers) and ``device`` (an agent's surrogate runs on the CPU; the accelerators are the script's).
+    goal, else ``"max"``). The study options an agent does not take: ``frozen_layers`` (the script would have to
+    freeze layer units), ``device`` (an agent's surrogate runs on the CPU; the accelerators are the script's) and
+    ``ray`` (the epochs run in the user's command).
 
     Attributes:
         space_file: Search-space file (the recipe's ``space`` format or a W&B sweep).

@@ -255,8 +255,9 @@ def test_recipe_overrides_go_to_their_section(tmp_path):
 def test_agent_flags_are_the_declared_options_it_takes(capsys):
     assert set(AGENT_OPTIONS) <= set(option_names())
     assert [f.name for f in dataclasses.fields(AgentSettings)] == ["space_file", "hub", *AGENT_OPTIONS]
-    # every study option but the two an agent cannot take (frozen layers; the surrogate's device is the CPU)
-    assert set(option_names()) - set(AGENT_OPTIONS) == {"frozen_layers", "device"}
+    # every study option but those an agent cannot take (frozen layers; the surrogate's device is the CPU; the
+    # epochs run in the user's command, not on Ray)
+    assert set(option_names()) - set(AGENT_OPTIONS) == {"frozen_layers", "device", "ray"}
     argv = ["agent", "--study_dir", "s", "--space", "space.yaml", "--budget", "7", "--searcher", "random",
             "--weights", "gmn", "--surrogate_options", "{full_fits: 2}"]  # fmt: skip
     settings = AgentSettings(space_file="space.yaml", **flag_values(_parser("agent").parse_args(argv), AGENT_OPTIONS))
