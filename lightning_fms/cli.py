@@ -10,8 +10,8 @@ kept.
 :class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
 LightningDataModule, picked by import path; the current directory is importable).
 
-``lightning-fms agent --study_dir runs/s1 [--space space.yaml --budget 30 --monitor val_acc ...] -- python
-train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
+``lightning-fms agent --study_dir runs/s1 [--space space.yaml --hub hub.yaml --budget 30 --monitor val_acc ...]
+-- python train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
 agents may share one study directory. Its study flags are the options :class:`~lightning_fms.agent.AgentSettings`
 takes, generated from the same declaration.
 
@@ -57,9 +57,15 @@ def _agent_arguments(agent: argparse.ArgumentParser) -> None:
     from lightning_fms.agent import AGENT_OPTIONS
     from lightning_fms.options import add_option_flags
 
-    agent.usage = "lightning-fms agent --study_dir DIR [--space FILE --budget N ...] -- COMMAND ..."
+    agent.usage = "lightning-fms agent --study_dir DIR [--space FILE --hub FILE --budget N ...] -- COMMAND ..."
     agent.add_argument("--study_dir", required=True, help="study directory (created on first use, else joined)")
     agent.add_argument("--space", default=None, help="search-space file (recipe space format or a W&B sweep)")
+    agent.add_argument(
+        "--hub",
+        default=None,
+        help="model hub YAML (as a recipe's hub:): the space's {type: hub} choice picks its entries, and the "
+        "command receives the entry's weights file at the choice's name (e.g. --model.pretrained=/abs/x.safetensors)",
+    )
     agent.add_argument("--quiet", action="store_true", help="no line per trained epoch on stderr")
     group = agent.add_argument_group("study options (stored by the agent that creates the study; others may omit them)")
     add_option_flags(group, AGENT_OPTIONS)
@@ -180,7 +186,7 @@ def _agent(args: argparse.Namespace, command: Sequence[str]) -> int:
     from lightning_fms.agent import AGENT_OPTIONS, AgentSettings, StudyAgent
     from lightning_fms.options import flag_values
 
-    settings = AgentSettings(space_file=args.space, **flag_values(args, AGENT_OPTIONS))
+    settings = AgentSettings(space_file=args.space, hub=args.hub, **flag_values(args, AGENT_OPTIONS))
     summary = StudyAgent(args.study_dir, command, settings, echo=not args.quiet).run()
     print(json.dumps(summary, indent=2, default=str))
     return 0

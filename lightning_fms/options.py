@@ -143,6 +143,7 @@ def _parse_frozen_layers(text: str) -> bool | list[float]:
 
 
 RayMode = Literal["async", "sync"]
+RayRefit = Literal["auto", "background", "inline"]
 
 
 @options_dataclass
@@ -171,6 +172,12 @@ class RayOptions:
         None,
         "How the driver decides: async (whenever a worker frees; the default) or sync (batches of one decision "
         "per worker, reproducible with the same seed).",
+    )
+    refit: RayRefit | None = option(
+        None,
+        "When async decisions refit the surrogate in a background thread and decide with the latest fit meanwhile: "
+        "auto (once a fit outlasts the time between two free workers; the default), background (always), inline "
+        "(never).",
     )
 
     @property

@@ -254,9 +254,15 @@ def test_recipe_overrides_go_to_their_section(tmp_path):
 
 def test_agent_flags_are_the_declared_options_it_takes(capsys):
     assert set(AGENT_OPTIONS) <= set(option_names())
-    assert [f.name for f in dataclasses.fields(AgentSettings)] == ["space_file", *AGENT_OPTIONS]
-    argv = ["agent", "--study_dir", "s", "--space", "space.yaml", "--budget", "7", "--searcher", "random"]
+    assert [f.name for f in dataclasses.fields(AgentSettings)] == ["space_file", "hub", *AGENT_OPTIONS]
+    # every study option but those an agent cannot take (frozen layers; the surrogate's device is the CPU; the
+    # epochs run in the user's command, not on Ray)
+    assert set(option_names()) - set(AGENT_OPTIONS) == {"frozen_layers", "device", "ray"}
+    argv = ["agent", "--study_dir", "s", "--space", "space.yaml", "--budget", "7", "--searcher", "random",
+            "--weights", "gmn", "--surrogate_options", "{full_fits: 2}"]  # fmt: skip
     settings = AgentSettings(space_file="space.yaml", **flag_values(_parser("agent").parse_args(argv), AGENT_OPTIONS))
-    assert settings == AgentSettings(space_file="space.yaml", budget=7, searcher="random")
+    assert settings == AgentSettings(
+        space_file="space.yaml", budget=7, searcher="random", weights="gmn", surrogate_options={"full_fits": 2}
+    )
     help_text = subcommand_help("agent", capsys)
-    assert all(f"--{name}" in help_text for name in AGENT_OPTIONS) and "--weights" not in help_text
+    assert all(f"--{name}" in help_text for name in ("hub", *AGENT_OPTIONS)) and "--frozen_layers" not in help_text

@@ -37,13 +37,14 @@ from torch import nn
 from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError, one_line
 from lightning_fms.extras import import_optional
+from lightning_fms.parallel.driver import DRIVER_MODES, REFIT_POLICIES
 from lightning_fms.parallel.gpu_packing import GpuSeats, gpu_share, seat_gpus
 from lightning_fms.parallel.protocol import Finished
 from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 
 __all__ = ["MODES", "SETTING_DEFAULTS", "STORAGE_MARKER", "RayExecutor", "check_ray_settings", "ray_settings"]
 
-MODES: tuple[str, ...] = ("async", "sync")
+MODES: tuple[str, ...] = DRIVER_MODES
 """The driver's decision modes: ``async`` (decide whenever a worker frees) and ``sync`` (batches of ``workers``)."""
 SETTING_DEFAULTS: dict[str, Any] = {
     "address": None,
@@ -51,6 +52,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "cpus_per_trial": 1.0,
     "gpus_per_trial": 0.0,
     "mode": "async",
+    "refit": "auto",
 }
 """The defaults of the settings a recipe's ``tuner.ray`` block, ``--ray.*`` and ``--tuner.ray.*`` give."""
 STORAGE_MARKER = ".ray-storage"
@@ -65,7 +67,7 @@ _LOST_RETRIES = 2
 
 
 def check_ray_settings(
-    address: str | None, workers: int, cpus_per_trial: float, gpus_per_trial: float, mode: str
+    address: str | None, workers: int, cpus_per_trial: float, gpus_per_trial: float, mode: str, refit: str = "auto"
 ) -> None:
     """Validate a Ray executor's settings (without importing Ray).
 
@@ -83,6 +85,8 @@ def check_ray_settings(
         raise FMSError(f"ray.gpus_per_trial above 1 must be a whole number of GPUs, got {gpus_per_trial!r}")
     if mode not in MODES:
         raise FMSError(f"unknown ray.mode {mode!r} (expected one of {', '.join(MODES)})")
+    if refit not in REFIT_POLICIES:
+        raise FMSError(f"unknown ray.refit {refit!r} (expected one of {', '.join(REFIT_POLICIES)})")
 
 
 def ray_settings(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,6 +269,9 @@ class RayExecutor:
             full training, with GPU packing (:mod:`~lightning_fms.parallel.gpu_packing`; docs/ray.md).
         mode: The driver's decision mode, ``"async"`` (decide whenever a worker frees) or ``"sync"`` (wait for
             all ``workers``, then decide as many; reproducible).
+        refit: When the driver refits the surrogate off the decision path in ``"async"`` mode, one of
+            :data:`~lightning_fms.parallel.driver.REFIT_POLICIES` (``"auto"``: once fits outlast the time between
+            free workers).
         local: The epoch executor of :meth:`pretrained_module` and :meth:`frozen_layer_costs` in the driver's
             process (default: ``executor`` itself, or, when that is a callable, what it builds here on first use).
         init_options: Extra arguments of ``ray.init`` (they win over the executor's own).
@@ -284,12 +291,13 @@ class RayExecutor:
         cpus_per_trial: float = 1.0,
         gpus_per_trial: float = 0.0,
         mode: str = "async",
+        refit: str = "auto",
         local: Executor | None = None,
         init_options: Mapping[str, Any] | None = None,
         start_timeout: float = 300.0,
         worker_options: Mapping[str, Any] | None = None,
     ) -> None:
-        check_ray_settings(address, workers, cpus_per_trial, gpus_per_trial, mode)
+        check_ray_settings(address, workers, cpus_per_trial, gpus_per_trial, mode, refit)
         if not (_is_executor(executor) or callable(executor)):
             raise FMSError("RayExecutor needs an epoch executor or a callable that builds one")
         self._ray = _ray(single_host=_is_loopback(address))
@@ -299,6 +307,7 @@ class RayExecutor:
         self.cpus_per_trial = float(cpus_per_trial)
         self.gpus_per_trial = float(gpus_per_trial)
         self.mode = mode
+        self.refit = refit
         self._local = local if local is not None else (executor if _is_executor(executor) else None)
         self.init_options = dict(init_options or {})
         self.start_timeout = float(start_timeout)
