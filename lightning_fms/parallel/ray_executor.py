@@ -38,8 +38,9 @@ from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError, one_line
 from lightning_fms.extras import import_optional
 from lightning_fms.parallel.driver import DRIVER_MODES, REFIT_POLICIES
-from lightning_fms.parallel.gpu_packing import GpuSeats, gpu_share, seat_gpus
+from lightning_fms.parallel.gpu_packing import GpuSeats, seat_gpus
 from lightning_fms.parallel.protocol import Finished
+from lightning_fms.parallel.ray_worker import STORAGE_MARKER, EpochWorker, is_executor
 from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 
 __all__ = ["MODES", "SETTING_DEFAULTS", "STORAGE_MARKER", "RayExecutor", "check_ray_settings", "ray_settings"]
@@ -55,8 +56,6 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "refit": "auto",
 }
 """The defaults of the settings a recipe's ``tuner.ray`` block, ``--ray.*`` and ``--tuner.ray.*`` give."""
-STORAGE_MARKER = ".ray-storage"
-"""The marker file the driver writes next to the trial folders; a worker must read the driver's token from it."""
 LOOPBACK_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 """Set (unless already set) before a local cluster starts: Ray's single-host mode keeps it on 127.0.0.1."""
 _SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -119,11 +118,6 @@ def _is_loopback(address: str | None) -> bool:
         return False
 
 
-def _is_executor(obj: object) -> bool:
-    """An epoch executor instance (not a class, not a factory)."""
-    return not isinstance(obj, type) and callable(getattr(obj, "run_epoch", None))
-
-
 def _ray(single_host: bool) -> Any:
     """Ray, imported in single-host mode (everything on 127.0.0.1) when ``single_host``.
 
@@ -160,97 +154,6 @@ class _Slot:
     @property
     def label(self) -> str:
         return f"ray-w{self.index}@{self.ip}" + (f"/gpu{self.gpu[1]}" if self.gpu is not None else "")
-
-
-class EpochWorker:
-    """The Ray actor of one slot: builds its epoch executor once and trains the epochs it is sent.
-
-    Args:
-        executor: The epoch executor, or a callable without arguments that builds it (called here, once), pickled
-            by the driver (unpickled here once the driver's import path is in place).
-        index: The slot's index (for its label).
-        cwd: The driver's working directory: the worker works there when it exists on this node, so relative
-            paths in a configuration mean what they mean to the driver.
-        sys_path: The driver's import path: its folders that exist on this node are appended to the worker's,
-            so the modules the driver's trials come from import here too.
-        threads: torch's intra-op thread count on the worker.
-    """
-
-    def __init__(self, executor: bytes, index: int, cwd: str, sys_path: Sequence[str], threads: int) -> None:
-        import torch
-
-        if os.path.isdir(cwd):
-            os.chdir(cwd)
-        sys.path.extend(p for p in sys_path if p not in sys.path and os.path.isdir(p or "."))
-        torch.set_num_threads(threads)
-        self._spec = executor
-        self._executor: Executor | None = None
-        self._index = index
-        self._verified: set[str] = set()
-
-    def _build(self) -> Executor:
-        if self._executor is None:
-            from ray import cloudpickle
-
-            try:
-                spec = cloudpickle.loads(self._spec)
-            except Exception as error:  # a module the driver imports that this node lacks, ...
-                raise FMSError(
-                    f"Ray worker {self._index} cannot load the epoch executor: {one_line(error, 200)}"
-                ) from None
-            self._executor = spec if _is_executor(spec) else spec()
-        return self._executor  # type: ignore[return-value]
-
-    def _identity(self) -> dict[str, Any]:
-        import ray
-
-        node, gpus = ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
-        return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "node": node, "gpus": gpus}
-
-    def ready(self) -> dict[str, Any]:
-        """Build the executor (imports, trial builder); the worker's address, or the set-up error."""
-        try:
-            self._build()
-        except FMSError as error:
-            return {**self._identity(), "setup_error": one_line(error)}
-        return self._identity()
-
-    def _check_storage(self, job: EpochJob, token: str) -> None:
-        root = job.log_dir.parent
-        if str(root) in self._verified:
-            return
-        marker = root / STORAGE_MARKER
-        where = f"Ray worker {self._index} on {self._identity()['ip']}"
-        try:
-            seen = marker.read_text().strip()
-        except OSError:
-            raise FMSError(
-                f"{where} cannot see {root} (the study directory must be on storage shared by the driver and every "
-                "node, see docs/ray.md)"
-            ) from None
-        if seen != token:
-            raise FMSError(
-                f"{where} sees another {root} than the driver (the study directory must be on storage shared by "
-                "the driver and every node, see docs/ray.md)"
-            )
-        self._verified.add(str(root))
-
-    def run(self, job: EpochJob, token: str, share: float | None = None) -> dict[str, Any]:
-        """Train one epoch (``share``: of the GPU, GPU packing); a small dict: the outcome's fields and who ran it."""
-        try:
-            self._check_storage(job, token)
-            with gpu_share(share):
-                outcome = self._build().run_epoch(job)
-        except FMSError as error:
-            return {**self._identity(), "setup_error": one_line(error)}
-        return {
-            **self._identity(),
-            "value": outcome.value,
-            "metrics": dict(outcome.metrics),
-            "error": outcome.error,
-            "wall_s": outcome.wall_s,
-            "weights": outcome.weights if job.record_weights else None,
-        }
 
 
 class RayExecutor:
@@ -298,7 +201,7 @@ class RayExecutor:
         worker_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_ray_settings(address, workers, cpus_per_trial, gpus_per_trial, mode, refit)
-        if not (_is_executor(executor) or callable(executor)):
+        if not (is_executor(executor) or callable(executor)):
             raise FMSError("RayExecutor needs an epoch executor or a callable that builds one")
         self._ray = _ray(single_host=_is_loopback(address))
         self.executor = executor
@@ -308,7 +211,7 @@ class RayExecutor:
         self.gpus_per_trial = float(gpus_per_trial)
         self.mode = mode
         self.refit = refit
-        self._local = local if local is not None else (executor if _is_executor(executor) else None)
+        self._local = local if local is not None else (executor if is_executor(executor) else None)
         self.init_options = dict(init_options or {})
         self.start_timeout = float(start_timeout)
         self._token = uuid.uuid4().hex
