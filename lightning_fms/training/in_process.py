@@ -69,6 +69,7 @@ class InProcessExecutor:
         self.monitor = monitor
         self.hub = hub
         self.weights_attribute = weights_attribute
+        self._memory_batch: Any = None  # the batch of memory_estimates, read once
 
     @classmethod
     def from_factories(
@@ -199,20 +200,20 @@ class InProcessExecutor:
     ) -> list[tuple[MemoryEstimate, ...]]:
         """The device memory of an epoch of each configuration at each fraction (:mod:`lightning_fms.frozen.memory`).
 
-        One real training batch (from the first configuration's datamodule, set up once) is used for all of
-        them, its rows cut or repeated to each configuration's ``batch_size`` when its datamodule has one.
+        One real training batch (from the first datamodule ever asked, set up once per executor) is used for all
+        of them, its rows cut or repeated to each configuration's ``batch_size`` when its datamodule has one.
         """
-        batch = None
         estimates = []
         for config in configs:
             module, datamodule = self.build(config, seed=0)
+            batch = self._memory_batch
             if batch is None:
                 if datamodule is None:
                     raise FMSError("the memory estimate of an epoch needs a LightningDataModule")
                 with quiet_lightning():
                     datamodule.prepare_data()
                     datamodule.setup("fit")
-                    batch = next(iter(datamodule.train_dataloader()))
+                    batch = self._memory_batch = next(iter(datamodule.train_dataloader()))
             size = getattr(datamodule, "batch_size", None)
             own = resize_batch(batch, size) if isinstance(size, int) and not isinstance(size, bool) else batch
             estimates.append(epoch_memory(module, self.layer_target(module), own, fractions))
