@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.search.trial import TrialStatus
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.testing.concurrent import SequencedExecutor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
-SPACE = {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}
-ENTRIES = ["mlp-xs", "mlp-s"]
-
-
-def _space():
-    return SearchSpace.from_dict(SPACE, hub_entries=ENTRIES)
+from .small_study import decisions, study_space, tuner_for
 
 
 def _inner(hub):
     return InProcessExecutor.from_factories(
         ImageClassifier,
         DigitsDataModule,
-        _space(),
+        study_space(),
         hub,
         monitor="val_acc",
         cap=3,
@@ -32,34 +26,13 @@ def _inner(hub):
     )
 
 
-def _tuner(hub, study_dir, executor, fast_surrogate, budget=8, **options):
-    return FMSTuner(
-        executor=executor,
-        space=_space(),
-        hub=hub,
-        study_dir=study_dir,
-        budget=budget,
-        monitor="val_acc",
-        max_epochs_per_trial=3,
-        num_fresh_candidates=8,
-        num_startup_trials=2,
-        surrogate_options=fast_surrogate,
-        progress=False,
-        **options,
-    )
-
-
 def _trained(tuner):
     return [(d["trial"], d["epoch"]) for d in tuner.optimizer.decisions]
 
 
-def _decisions(tuner):
-    return [(d["decision"], d["trial"], d["epoch"], d["value"]) for d in tuner.optimizer.decisions]
-
-
 def test_two_workers_spend_the_budget_exactly_and_never_train_an_epoch_twice(hub, tmp_path, fast_surrogate):
     executor = SequencedExecutor(_inner(hub), workers=2, order="random", seed=3)
-    tuner = _tuner(hub, tmp_path / "s", executor, fast_surrogate)
+    tuner = tuner_for(hub, tmp_path / "s", executor, fast_surrogate)
     result = tuner.run()
     assert result.epochs_spent == 8 and tuner.optimizer.budget_spent == 8
     assert len(set(_trained(tuner))) == 8 and len(executor.history) == 8
@@ -76,13 +49,13 @@ def test_two_workers_spend_the_budget_exactly_and_never_train_an_epoch_twice(hub
 
 
 def test_sync_mode_with_one_worker_equals_the_in_process_study(hub, tmp_path, fast_surrogate):
-    sequential = _tuner(hub, tmp_path / "seq", _inner(hub), fast_surrogate, budget=6)
+    sequential = tuner_for(hub, tmp_path / "seq", _inner(hub), fast_surrogate, budget=6)
     sequential.run()
-    concurrent = _tuner(
+    concurrent = tuner_for(
         hub, tmp_path / "conc", SequencedExecutor(_inner(hub), workers=1, mode="sync"), fast_surrogate, budget=6
     )
     concurrent.run()
-    assert _decisions(concurrent) == _decisions(sequential)
+    assert decisions(concurrent) == decisions(sequential)
     best_a = torch.load(tmp_path / "seq" / "best.ckpt", weights_only=True)["state_dict"]
     best_b = torch.load(tmp_path / "conc" / "best.ckpt", weights_only=True)["state_dict"]
     assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
@@ -92,16 +65,16 @@ def test_sync_mode_decides_the_same_whatever_order_the_epochs_end_in(hub, tmp_pa
     runs = []
     for order_seed in (0, 1):
         executor = SequencedExecutor(_inner(hub), workers=2, order="random", seed=order_seed, mode="sync")
-        tuner = _tuner(hub, tmp_path / f"s{order_seed}", executor, fast_surrogate, budget=6)
+        tuner = tuner_for(hub, tmp_path / f"s{order_seed}", executor, fast_surrogate, budget=6)
         tuner.run()
-        runs.append(_decisions(tuner))
+        runs.append(decisions(tuner))
     assert runs[0] == runs[1]
     assert len({(t, e) for _, t, e, _ in runs[0]}) == 6
 
 
 def test_a_lost_workers_epoch_is_given_back_and_trained_again(hub, tmp_path, fast_surrogate):
     executor = SequencedExecutor(_inner(hub), workers=2, lose={(0, 1): 1, (1, 1): 1})
-    tuner = _tuner(hub, tmp_path / "s", executor, fast_surrogate, budget=6)
+    tuner = tuner_for(hub, tmp_path / "s", executor, fast_surrogate, budget=6)
     tuner.run()
     assert tuner.optimizer.epochs_spent == 6 and len(set(_trained(tuner))) == 6
     assert len(executor.history) == 8  # two attempts lost, not charged
@@ -110,7 +83,7 @@ def test_a_lost_workers_epoch_is_given_back_and_trained_again(hub, tmp_path, fas
 
 def test_an_epoch_lost_three_times_is_recorded_as_failed(hub, tmp_path, fast_surrogate):
     executor = SequencedExecutor(_inner(hub), workers=1, lose={(0, 1): 5})
-    tuner = _tuner(hub, tmp_path / "s", executor, fast_surrogate, budget=3)
+    tuner = tuner_for(hub, tmp_path / "s", executor, fast_surrogate, budget=3)
     tuner.run()
     first = [d for d in tuner.optimizer.decisions if d["trial"] == 0]
     assert tuner.optimizer.trials[0].status == TrialStatus.FAILED
@@ -120,7 +93,7 @@ def test_an_epoch_lost_three_times_is_recorded_as_failed(hub, tmp_path, fast_sur
 
 def test_a_rerun_gives_back_what_a_killed_driver_had_in_flight(hub, tmp_path, fast_surrogate):
     study_dir = tmp_path / "s"
-    first = _tuner(hub, study_dir, SequencedExecutor(_inner(hub), workers=2), fast_surrogate, budget=3)
+    first = tuner_for(hub, study_dir, SequencedExecutor(_inner(hub), workers=2), fast_surrogate, budget=3)
     first.run()
     # what a driver killed with -9 leaves: two claims in the saved state, a torn temporary file, an orphan file
     optimizer = first.optimizer
@@ -133,7 +106,7 @@ def test_a_rerun_gives_back_what_a_killed_driver_had_in_flight(hub, tmp_path, fa
     (trial_dir / "epoch-9.d99.ckpt").write_bytes(b"orphan")
     assert len(StudyDirectory(study_dir).load_state()["running"]) == 2
 
-    rerun = _tuner(hub, study_dir, SequencedExecutor(_inner(hub), workers=2), fast_surrogate, budget=8)
+    rerun = tuner_for(hub, study_dir, SequencedExecutor(_inner(hub), workers=2), fast_surrogate, budget=8)
     rerun.run()
     assert rerun.optimizer.epochs_spent == 8 and len(set(_trained(rerun))) == 8
     assert _trained(rerun)[:3] == _trained(first)[:3]  # every committed epoch kept
@@ -142,7 +115,7 @@ def test_a_rerun_gives_back_what_a_killed_driver_had_in_flight(hub, tmp_path, fa
 
 def test_decisions_go_on_with_the_latest_fit_while_a_copy_refits(hub, tmp_path, fast_surrogate):
     executor = SequencedExecutor(_inner(hub), workers=2, refit="background")
-    tuner = _tuner(hub, tmp_path / "s", executor, fast_surrogate, budget=8)
+    tuner = tuner_for(hub, tmp_path / "s", executor, fast_surrogate, budget=8)
     tuner.run()
     assert tuner.optimizer.epochs_spent == 8 and len(set(_trained(tuner))) == 8
     assert any(d.get("current_fit") == 1.0 for d in tuner.optimizer.decisions)
@@ -150,7 +123,7 @@ def test_decisions_go_on_with_the_latest_fit_while_a_copy_refits(hub, tmp_path, 
 
 def test_frozen_layers_run_on_several_workers_within_the_budget(hub, tmp_path, fast_surrogate):
     executor = SequencedExecutor(_inner(hub), workers=2, order="newest")
-    tuner = _tuner(hub, tmp_path / "s", executor, fast_surrogate, budget=4, frozen_layers=[0.5])
+    tuner = tuner_for(hub, tmp_path / "s", executor, fast_surrogate, budget=4, frozen_layers=[0.5])
     tuner.run()
     optimizer = tuner.optimizer
     assert optimizer.budget_spent <= 4 + 1e-9 and optimizer.is_done or not optimizer.candidates(99)

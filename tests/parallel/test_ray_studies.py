@@ -5,35 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.parallel.ray_executor import RayExecutor
 from lightning_fms.search.trial import TrialStatus
 from lightning_fms.study.directory import StudyDirectory
 
 from .ray_trials import epoch_executor
-
-SPACE = {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}
-ENTRIES = ["mlp-xs", "mlp-s"]
-
-
-def tuner_for(hub, study_dir, executor, fast_surrogate, budget=8):
-    return FMSTuner(
-        executor=executor,
-        space=SearchSpace.from_dict(SPACE, hub_entries=ENTRIES),
-        hub=hub,
-        study_dir=study_dir,
-        budget=budget,
-        monitor="val_acc",
-        max_epochs_per_trial=3,
-        num_fresh_candidates=8,
-        num_startup_trials=2,
-        surrogate_options=fast_surrogate,
-        progress=False,
-    )
-
-
-def decisions(tuner):
-    return [(d["decision"], d["trial"], d["epoch"], d["value"]) for d in tuner.optimizer.decisions]
+from .small_study import decisions, tuner_for
 
 
 @pytest.fixture
