@@ -46,29 +46,39 @@ def test_python_api_recipe(hub, tmp_path, monkeypatch):
         assert len(list((tmp_path / "wandb-home" / "runs" / "wandb").glob("offline-run-*"))) >= 2
 
 
-def test_cli_recipe_as_documented(hub, tmp_path, monkeypatch):
-    """recipes/cli: make_weights.py, then train.py with the W&B sweep file (W&B logging: tests/loggers/)."""
+def test_cli_recipe_as_documented(hub, tmp_path, monkeypatch, capsys):
+    """recipes/cli: make_weights.py, then train.py with the W&B sweep file (W&B logging: tests/loggers/).
+
+    Both scripts run in this process as ``python SCRIPT ...`` runs them: as ``__main__``, their folder first on
+    ``sys.path``, ``sys.argv`` the command line, in the recipe's folder; what they import afresh is dropped after.
+    """
     work = tmp_path / "cli"
     shutil.copytree(ROOT / "recipes" / "cli", work, ignore=shutil.ignore_patterns("weights", "__pycache__", "runs"))
     cache = tmp_path / "cache"
     (cache / "hubs").mkdir(parents=True)
     (cache / "hubs" / "tiny").symlink_to(_hub_dir(hub))  # make_weights.py reuses the session's pretrained hub
-    env = {**os.environ, "LIGHTNING_FMS_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **_wandb_env(tmp_path)}
-    with monkeypatch.context() as patch:  # `python make_weights.py`, in this process
-        patch.setenv("LIGHTNING_FMS_CACHE", str(cache))
-        patch.syspath_prepend(str(work))
-        patch.setattr(sys, "argv", ["make_weights.py"])
-        patch.delitem(sys.modules, "digits", raising=False)
-        runpy.run_path(str(work / "make_weights.py"), run_name="__main__")
+
+    def python(script: str, *args: str) -> None:
+        with monkeypatch.context() as patch:
+            for key, value in {"LIGHTNING_FMS_CACHE": str(cache), **_wandb_env(tmp_path)}.items():
+                patch.setenv(key, value)
+            patch.chdir(work)
+            patch.syspath_prepend(str(work))
+            patch.setattr(sys, "argv", [script, *args])
+            patch.setitem(sys.modules, "digits", None)  # restored (or removed) when the script is done
+            del sys.modules["digits"]  # the recipe's own digits.py, imported afresh
+            runpy.run_path(str(work / script), run_name="__main__")
+
+    python("make_weights.py")
     assert sorted(p.name for p in (work / "weights").iterdir()) == [
         "cnn-s.safetensors", "mlp-s.safetensors", "resnet-xs.safetensors"]  # fmt: skip
-    command = [sys.executable, "train.py", "fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space",
-               "sweep.yaml", "--tuner.hub_key", "model.pretrained", "--tuner.budget", "3",
-               "--tuner.max_epochs_per_trial", "2", "--tuner.study_dir", "runs/s2", "--tuner.progress", "false",
-               "--tuner.surrogate_options", "{full_fit_steps: 60, refine_steps: 10, full_fits: 2}"]  # fmt: skip
-    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    capsys.readouterr()
+    python("train.py", "fit", "--config", "cfg.yaml", "--tuner", "fms", "--tuner.space", "sweep.yaml",
+           "--tuner.hub_key", "model.pretrained", "--tuner.budget", "3", "--tuner.max_epochs_per_trial", "2",
+           "--tuner.study_dir", "runs/s2", "--tuner.progress", "false",
+           "--tuner.surrogate_options", "{full_fit_steps: 60, refine_steps: 10, full_fits: 2}")  # fmt: skip
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{") :])
     assert summary["epochs_spent"] == 3
     assert summary["best_config"]["model.pretrained"].startswith("weights/")
     assert (work / "runs" / "s2" / "trials" / "0000" / "config.yaml").exists()

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from lightning_fms.bench.methods import RunOptions
 from lightning_fms.bench.pool import pool_dir
 from lightning_fms.bench.runner import PoolSource, pool_fingerprint, run_bench
 from lightning_fms.bench.task import BenchTask
@@ -16,6 +17,8 @@ from lightning_fms.transfer.prior import load_prior
 from lightning_fms.transfer.sources import read_source
 
 FAST = {"steps": 20, "batch_rows": 16, "trunk_steps": 20}
+FAST_FMS = RunOptions(fms_options={"full_fit_steps": 20, "refine_steps": 5, "full_fits": 1})
+"""Short surrogate fits for the benchmark's fms and fms-prior runs: the protocol is under test, not fit quality."""
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,7 @@ def test_the_prior_methods_run_in_the_benchmark_and_report_against_their_counter
         out_dir=tmp_path / "bench",
         kendall_at=(6,),
         progress=None,
+        options=FAST_FMS,
         prior_options=FAST,
     )
     assert len(result.runs) == 12
