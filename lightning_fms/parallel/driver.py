@@ -58,6 +58,7 @@ __all__ = [
     "DRIVER_MODES",
     "MAX_LOSSES",
     "REFIT_POLICIES",
+    "REPORT_INTERVAL_S",
     "ConcurrentDriver",
     "StudyLoop",
     "check_driver_settings",
@@ -72,6 +73,10 @@ DRIVER_MODES: tuple[str, ...] = ("async", "sync")
 REFIT_POLICIES: tuple[str, ...] = ("auto", "background", "inline")
 #: An epoch whose worker was lost this many times is recorded as failed rather than given back again.
 MAX_LOSSES = 3
+#: With several workers the ledger rewrites the reports (trajectory.csv, results.json, study.json) at most every
+#: this many seconds, unless it was given an interval; the state is still saved on every commit. Their cost grows
+#: with the study and was the driver's largest at 256 simulated workers (docs/ray.md, "Scale: the central decider").
+REPORT_INTERVAL_S = 10.0
 
 
 def check_driver_settings(mode: str, refit: str) -> None:
@@ -164,6 +169,9 @@ class ConcurrentDriver:
             FMSError: a set-up problem (raised by a worker); every epoch in flight is given back first.
         """
         optimizer = self.tuner.optimizer
+        ledger = self.tuner.ledger
+        if self.executor.workers > 1 and ledger.report_interval_s is None:
+            ledger.report_interval_s = REPORT_INTERVAL_S
         self.executor.start()
         try:
             while True:
