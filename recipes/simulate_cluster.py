@@ -1,0 +1,275 @@
+"""Simulated cluster: does the central decider keep 8, 64, 256 workers busy? (issue 13, item 7)
+
+Runs the real FMSTuner (the real searcher, optimizer, ledger and study directory) with a
+``SimulatedExecutor``: N workers on a virtual clock, epochs of lognormal duration (60 s median), values from
+seeded synthetic learning curves over a space like the benchmark's (a hub choice, learning rate, weight
+decay, momentum, dropout, batch size). With ``--hub tiny`` (the default) the hub is the tiny hub of
+``lightning_fms.testing`` (built once into the cache), so ``fms`` reads real modules' weights (summary
+featurizer, weights after an epoch drifted from ``W_0``); ``--hub none`` drops the hub choice and the weights.
+
+The driver's real time between executor calls goes on the virtual clock; the optimizer's ``claim``, the
+searcher's ``select``, and the ledger's ``commit``, ``save``, ``write_reports`` and the weight snapshots are
+timed in place (``DriverProfile``) to say where it goes::
+
+    python recipes/simulate_cluster.py --workers 8 64 256 --epochs 3000 --searchers fms dyhpo --json runs/sim.jsonl
+
+Each finished run appends one JSON line to ``--json`` (a killed table keeps the rows it finished; rows already
+in the file are skipped, so the same command continues it) and the table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_fms import FMSTuner, SearchSpace
+from lightning_fms.parallel.profile import DriverProfile
+from lightning_fms.parallel.simulation import EpochTimes, SimulatedExecutor
+from lightning_fms.parallel.synthetic import SyntheticCurves
+
+SPACE = {
+    "model.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+    "model.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "model.momentum": {"type": "float", "low": 0.0, "high": 0.95},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "data.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+}
+
+#: (label, object path on the tuner, method): what the profile times. A label's time is its calls' own time,
+#: without the timed calls they make (``decide`` is a claim's own work: candidates, the searcher's state).
+TIMED = (
+    ("decide", "optimizer", "claim"),
+    ("candidates", "optimizer", "candidates"),
+    ("searcher state", "optimizer.searcher", "state_dict"),
+    ("encode rows", "optimizer.searcher", "_encode"),
+    ("fit and score", "optimizer.searcher", "select"),
+    ("score with the current fit", "optimizer.searcher", "select_with_current_fit"),
+    ("fit plan", "optimizer.searcher", "fit_plan"),
+    ("background fit", "optimizer.searcher", "fit_surrogate"),
+    ("give back", "optimizer", "release"),
+    ("commit", "ledger", "commit"),
+    ("weight snapshot", "snapshots", "put"),
+    ("state save", "ledger", "save"),
+    ("reports", "ledger", "write_reports"),
+)
+
+
+def _attribute(root: object, path: str) -> object | None:
+    for name in path.split("."):
+        root = getattr(root, name, None)
+        if root is None:
+            return None
+    return root
+
+
+def build_tuner(args: argparse.Namespace, searcher: str, workers: int, study_dir: Path) -> tuple[FMSTuner, Any]:
+    """The tuner over a simulated cluster of ``workers``, and its executor."""
+    hub = None
+    spec = dict(SPACE)
+    if args.hub != "none":
+        from lightning_fms.testing import tiny_hub
+        from lightning_fms.zoo.build import default_cache_dir
+
+        hub = tiny_hub(default_cache_dir() / "hubs" / "tiny") if args.hub == "tiny" else _hub(args.hub)
+        spec = {"hub": {"type": "hub"}, **spec}
+    space = SearchSpace.from_dict(spec, hub_entries=hub.names if hub is not None else None)
+    executor = SimulatedExecutor(
+        workers,
+        SyntheticCurves(space, seed=args.seed),
+        epoch_times=EpochTimes(args.median, args.spread),
+        seed=args.seed,
+        monitor="val_acc",
+        cap=args.cap,
+        modules=hub.build if hub is not None else None,
+        hub_key=space.hub_key,
+        mode=args.mode,
+        refit=args.refit,
+    )
+    tuner = FMSTuner(
+        space=space,
+        study_dir=study_dir,
+        budget=args.epochs,
+        monitor="val_acc",
+        mode="max",
+        hub=hub,
+        max_epochs_per_trial=args.cap,
+        seed=args.seed,
+        searcher=searcher,
+        device="cpu",
+        progress=False,
+        executor=executor,
+        **_tuner_options(args),
+    )
+    return tuner, executor
+
+
+def _hub(path: str) -> Any:
+    from lightning_fms import ModelHub
+
+    return ModelHub.from_yaml(path)
+
+
+def _tuner_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.max_surrogate_rows is not None:
+        options["max_surrogate_rows"] = None if args.max_surrogate_rows == 0 else args.max_surrogate_rows
+    return options
+
+
+def run_one(args: argparse.Namespace, searcher: str, workers: int) -> dict[str, Any]:
+    """One simulated study; its measurements as a row of the table."""
+    study_dir = Path(tempfile.mkdtemp(prefix=f"sim-{searcher}-{workers}-", dir=args.scratch))
+    try:
+        tuner, executor = build_tuner(args, searcher, workers, study_dir)
+        if args.report_interval is not None:
+            tuner.ledger.report_interval_s = args.report_interval
+        profile = DriverProfile()
+        for label, path, method in TIMED:
+            target = _attribute(tuner, path)
+            if target is not None:  # a claim that found nothing to claim takes time but is no decision
+                profile.wrap(target, method, label, count=(lambda s: s is not None) if label == "decide" else None)
+        started = time.perf_counter()
+        tuner.run()
+        executor.close()
+        real_s = time.perf_counter() - started
+        stats = executor.stats()
+        optimizer = tuner.optimizer
+        epochs = [(d["trial"], d["epoch"]) for d in optimizer.decisions]
+        assert optimizer.epochs_spent == args.epochs == len(epochs) == len(set(epochs)), "budget or duplicates"
+        assert not executor.duplicates, executor.duplicates
+        decisions = optimizer.decisions
+        row = {
+            "searcher": searcher,
+            "hub": args.hub,
+            "refit": args.refit,
+            "report_interval_s": tuner.ledger.report_interval_s,
+            "workers": workers,
+            "epochs": stats.epochs,
+            "trials": len(optimizer.trials),
+            "makespan_s": stats.makespan_s,
+            "utilisation": stats.utilisation,
+            "ceiling": executor.ceiling(),
+            "decisions_per_s": stats.decisions_per_s,
+            "needed_per_s": workers / args.median,
+            "mean_decision_s": profile.inclusive["decide"] / max(1, profile.calls["decide"]),
+            "mean_commit_s": profile.inclusive["commit"] / max(1, profile.calls["commit"]),
+            "late_decision_s": _late_mean(profile, "decide"),
+            "late_commit_s": _late_mean(profile, "commit"),
+            "inline_fits": sum(1 for d in decisions if d.get("surrogate_s", 0.0) > 0 and "current_fit" not in d),
+            "current_fit_decisions": sum(1 for d in decisions if "current_fit" in d),
+            "background_fits": profile.background_calls["background fit"],
+            "background_fit_s": profile.background["background fit"],
+            "driver_s": stats.driver_s,
+            "followed_s": stats.followed_s,
+            "split_s": {k: round(v, 3) for k, v in sorted(profile.seconds.items())},
+            "other_s": stats.driver_s - profile.total,
+            "real_s": real_s,
+        }
+        return row
+    finally:
+        if not args.keep:
+            shutil.rmtree(study_dir, ignore_errors=True)
+
+
+def _late_mean(profile: DriverProfile, label: str) -> float:
+    """Mean seconds of ``label``'s calls (nested timed calls included) over the last quarter of them."""
+    spans = [seconds for name, _, _, seconds in profile.events if name == label]
+    late = spans[len(spans) - len(spans) // 4 :] if len(spans) >= 4 else spans
+    return sum(late) / len(late) if late else 0.0
+
+
+def split_line(row: dict[str, Any]) -> str:
+    """Where the driver's time went, as shares of its total."""
+    total = row["driver_s"] or 1.0
+    parts = {**row["split_s"], "other": row["other_s"]}
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    print(
+        "| searcher | workers | epochs | makespan (s) | utilisation | ceiling | decisions/s (needed) "
+        "| decision (s), mean / last quarter | commit (s), mean / last quarter | fits inline / background "
+        "| where the driver's time goes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['searcher']} | {r['workers']} | {r['epochs']} | {r['makespan_s']:.0f} "
+            f"| {100 * r['utilisation']:.1f}% "
+            f"| {100 * r['ceiling']:.1f}% | {r['decisions_per_s']:.2f} ({r['needed_per_s']:.2f}) "
+            f"| {r['mean_decision_s']:.3f} / {r['late_decision_s']:.3f} | {r['mean_commit_s']:.3f} / "
+            f"{r['late_commit_s']:.3f} | {r['inline_fits']} / {r['background_fits']} | {split_line(r)} |"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--searchers", nargs="+", default=["fms", "dyhpo"])
+    parser.add_argument("--epochs", type=int, default=3000, help="the study's budget in epochs")
+    parser.add_argument("--cap", type=int, default=20, help="epochs per trial at most")
+    parser.add_argument("--median", type=float, default=60.0, help="median epoch seconds")
+    parser.add_argument("--spread", type=float, default=0.3, help="standard deviation of log epoch seconds")
+    parser.add_argument("--hub", default="tiny", help="tiny (the default), none, or a hub.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refit", default="auto", help="the driver's refit policy: auto, background or inline")
+    parser.add_argument("--mode", default="async", help="the driver's decision mode: async or sync")
+    parser.add_argument(
+        "--report_interval", type=float, default=None, help="seconds between report rewrites (default: the driver's)"
+    )
+    parser.add_argument("--max_surrogate_rows", type=int, default=None, help="0: no cap (default: the library's)")
+    parser.add_argument("--json", type=Path, default=None, help="append each finished run here; skip runs in it")
+    parser.add_argument("--scratch", default=None, help="where the study directories go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the study directories")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    done: list[dict[str, Any]] = []
+    if args.json is not None and args.json.exists():
+        done = [json.loads(line) for line in args.json.read_text().splitlines() if line.strip()]
+    print(
+        f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()} ({os.cpu_count()} cores, "
+        f"{platform.machine()}), torch {torch.__version__} at {torch.get_num_threads()} thread(s), load "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    rows = []
+    for searcher in args.searchers:
+        for workers in args.workers:
+            key = {
+                "searcher": searcher,
+                "hub": args.hub,
+                "workers": workers,
+                "refit": args.refit,
+                "report_interval_s": args.report_interval,
+            }
+            previous = [r for r in done if all(r.get(k) == v for k, v in key.items()) and r["epochs"] == args.epochs]
+            if previous:
+                rows.append(previous[-1])
+                continue
+            row = run_one(args, searcher, workers)
+            row["load_after"] = os.getloadavg()[0]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json is not None:
+                with args.json.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    print_table(rows)
+    return 0 if all(math.isfinite(r["utilisation"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

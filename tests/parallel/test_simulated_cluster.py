@@ -1,0 +1,84 @@
+"""The real tuner and driver on a simulated cluster: budget exact, no epoch twice, utilisation as defined."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from lightning_fms import FMSTuner, SearchSpace
+from lightning_fms.parallel.simulation import EpochTimes, SimulatedExecutor
+from lightning_fms.parallel.synthetic import SyntheticCurves
+
+SPACE = {
+    "hub": {"type": "hub"},
+    "model.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+    "model.momentum": {"type": "float", "low": 0.0, "high": 0.95},
+    "data.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+}
+
+
+#: Fits of a few steps: the test is about the driver and the simulated cluster, not the surrogate.
+FITS = {"full_fit_steps": 20, "refine_steps": 5, "full_fits": 1}
+
+
+def simulate(hub, study_dir, workers=8, budget=60, weights="auto", **executor_options):
+    space = SearchSpace.from_dict(SPACE, hub_entries=hub.names)
+    executor = SimulatedExecutor(
+        workers,
+        SyntheticCurves(space, seed=0),
+        epoch_times=EpochTimes(60.0, 0.3),
+        seed=0,
+        monitor="val_acc",
+        cap=6,
+        modules=hub.build,
+        hub_key="hub",
+        **executor_options,
+    )
+    tuner = FMSTuner(
+        executor=executor,
+        space=space,
+        hub=hub,
+        study_dir=study_dir,
+        budget=budget,
+        monitor="val_acc",
+        max_epochs_per_trial=6,
+        num_fresh_candidates=16,
+        surrogate_options=FITS,
+        weights=weights,
+        progress=False,
+    )
+    tuner.run()
+    executor.close()
+    return tuner, executor
+
+
+def test_eight_simulated_workers_spend_the_budget_exactly_with_no_epoch_twice(hub, tmp_path):
+    tuner, executor = simulate(hub, tmp_path / "s")
+    trained = [(d["trial"], d["epoch"]) for d in tuner.optimizer.decisions]
+    assert tuner.optimizer.epochs_spent == 60 == len(trained) == len(set(trained))
+    assert executor.duplicates == [] and sum(executor.trained.values()) == 60
+    assert not tuner.optimizer.running
+    for trial in tuner.optimizer.trials.values():  # each trial's epochs were committed 1, 2, ... in order
+        assert [e for t, e in trained if t == trial.id] == list(range(1, trial.epochs + 1))
+    rows = list(csv.DictReader((tmp_path / "s" / "trajectory.csv").open()))
+    assert len(rows) == 60 and {r["worker"] for r in rows} <= {f"sim-w{i}" for i in range(8)}
+    assert "weights" in {p.name for p in (tmp_path / "s").iterdir()}  # fms on a hub read the weights
+
+    stats = executor.stats()
+    busy = sum(end - start for spans in executor.intervals.values() for start, end in spans)
+    assert stats.busy_s == pytest.approx(busy)
+    assert stats.utilisation == pytest.approx(busy / (8 * stats.makespan_s))
+    last_end = max(end for spans in executor.intervals.values() for _, end in spans)
+    assert last_end <= stats.makespan_s < last_end + 30.0  # the makespan ends with the driver's last commit
+    assert stats.makespan_s >= 60 * 30.0 / 8  # 60 epochs of about a minute on 8 workers
+    assert 0.8 * executor.ceiling() < stats.utilisation <= executor.ceiling() + 1e-9
+    assert stats.submitted == 60 and stats.decisions_per_s == pytest.approx(60 / stats.makespan_s)
+
+
+def test_lost_workers_are_given_back_and_the_budget_stays_exact(hub, tmp_path):
+    tuner, executor = simulate(hub, tmp_path / "s", workers=4, budget=24, weights="none", loss_probability=0.2)
+    trained = [(d["trial"], d["epoch"]) for d in tuner.optimizer.decisions]
+    assert executor.stats().lost > 0
+    assert tuner.optimizer.epochs_spent == 24 == len(set(trained))
+    assert executor.duplicates == []
