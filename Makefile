@@ -1,7 +1,8 @@
 # Everything a fresh clone needs: `make demo` and `make test` create the virtual environment and
 # install the package first (with the dev tools, W&B, whose tests run offline, the benchmark, plots (matplotlib),
-# nfn and demo (scikit-learn) extras). torch 2.13.0 (CPU) is installed unless the system Python already has a torch,
-# which the environment then reuses (the newest torch on the registry pulls gigabytes of CUDA wheels).
+# nfn, demo (scikit-learn) and ray (the Ray executor, whose tests start a cluster on 127.0.0.1) extras). torch 2.13.0
+# (CPU) is installed unless the system Python already has a torch, which the environment then reuses (the newest
+# torch on the registry pulls gigabytes of CUDA wheels).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet torch==2.13.0; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev,wandb,bench,plots,nfn,demo]"
+	$(PY) -m pip install --quiet -e ".[dev,wandb,bench,plots,nfn,demo,ray]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,17 @@ names, e.g. ``--model.lr=0.01``, which a LightningCLI script accepts as it is), 
 when it resumes a paused trial, and the environment variables of :mod:`lightning_fms.training.callback`. The
 script's only change is ``FMSCheckpointCallback()`` in its Trainer's callbacks: it stops the run after the
 epoch the study paid for, saves the trial checkpoint and writes a small result file that the agent tells
-the study.
+the study, and it seeds the run as ``lightning-fms tune`` seeds a trial's epoch (the study's seed and the
+trial come through the environment), so the script trains the epoch the in-process study would train.
+
+A model hub (``--hub hub.yaml``, the file a recipe's ``hub:`` names) makes a ``{type: hub}`` choice of the space
+available: the choice is named by the argument through which the script receives its pretrained weights
+(``model.pretrained: {type: hub}``), and the script receives the chosen entry's weights file there, as an
+absolute path (:func:`~lightning_fms.hub.bind_weight_files`). The agent builds each entry's network from the hub
+(its ``W_0``) for the surrogate's featurizer; when the study reads weights (``--weights``, or ``auto`` with the
+``fms`` searcher), the callback also writes the weights of the submodule ``--weights_attribute`` names (default
+``net``) after each epoch as a safetensors file beside the result, which the agent commits to the study's
+snapshots. So the agent's study is the study ``lightning-fms tune`` runs with the same hub, space and settings.
 
 Several agents may share one study directory on one machine. Each holds ``.lock`` *shared* for its whole
 run (so ``lightning-fms tune``, which takes it exclusively, is refused while agents run, and the other way
@@ -26,12 +36,9 @@ state; later agents may omit them and join.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_fms.errors import CheckpointError, FMSError
+from lightning_fms.hub import ModelHub
 from lightning_fms.options import FALLBACK_MODE, declared_default
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
 from lightning_fms.search.searcher import seeded_searcher
@@ -47,17 +55,11 @@ from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
+from lightning_fms.study.modules import StudyModules
+from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.sweep import read_space_file
-from lightning_fms.training.callback import (
-    ENV_CHECKPOINT,
-    ENV_EPOCH,
-    ENV_MONITOR,
-    ENV_RESULT,
-    ENV_RESUME,
-    ENV_STUDY_DIR,
-    ENV_TRIAL,
-)
-from lightning_fms.training.executor import EpochOutcome
+from lightning_fms.training.command import CommandRunner, command_line
+from lightning_fms.training.executor import EpochJob, EpochOutcome
 
 __all__ = ["AGENT_OPTIONS", "AgentSettings", "StudyAgent", "command_line"]
 
@@ -68,55 +70,75 @@ log = logging.getLogger(__name__)
 class AgentSettings:
     """Study settings given to an agent; ``None`` means "as stored" (required when the agent creates the study).
 
-    Every field but ``space_file`` is an option of :class:`~lightning_fms.options.StudyOptions` (the
+    Every field but ``space_file`` and ``hub`` is an option of :class:`~lightning_fms.options.StudyOptions` (the
     ``lightning-fms agent`` flags are generated from there, with their help); a new study takes the declared
     default of each one left out, except ``budget`` and ``monitor`` (required) and ``mode`` (the space file's
-    goal, else ``"max"``).
+    goal, else ``"max"``). The study options an agent does not take: ``frozen_layers`` (the script would have to
+    freeze layer units), ``device`` (an agent's surrogate runs on the CPU; the accelerators are the script's) and
+    ``ray`` (the epochs run in the user's command).
 
     Attributes:
         space_file: Search-space file (the recipe's ``space`` format or a W&B sweep).
+        hub: A model hub YAML (what a recipe's ``hub:`` names): a ``{type: hub}`` choice of the space picks its
+            entries, and the script receives the entry's weights file at the choice's name. Stored as an absolute
+            path; every agent reads it.
         budget: Total epochs over all trials.
         monitor: The metric the script logs at validation (default: the space file's).
         mode: ``"max"`` or ``"min"`` (default: the space file's, else ``"max"``).
         max_epochs_per_trial: Per-trial epoch cap.
-        seed: Seed of the decisions.
+        seed: Seed of the decisions, and of every trial's epochs (the callback seeds the script with it).
         searcher: One of :data:`~lightning_fms.search.searcher.SEARCHERS`.
+        weights: The surrogate's checkpoint featurizer (``"auto"``: ``summary`` for ``fms`` with a hub choice).
+        weights_attribute: Submodule of the script's LightningModule whose weights the featurizer reads; it must
+            hold the hub entry's network (default ``net``; ``""``: the whole module).
+        curve: The learning-curve encoder.
+        num_fresh_candidates: Fresh configurations scored per decision.
+        num_startup_trials: Random configurations started before the searcher.
         max_paused_trials: Bound on paused trials (default unbounded).
+        max_surrogate_rows: Cap on the surrogate's training rows.
+        promotion_probability: Probability of continuing the best paused trial without the surrogate.
+        pending: How the epochs other agents are training enter a decision's fit.
+        fantasies: Posterior draws of ``pending="fantasies"``.
+        surrogate_options: Extra surrogate arguments.
+        featurizer_options: Extra featurizer arguments.
         prior: A prior file written by ``lightning-fms pretrain`` (stored as an absolute path; every agent
             reads it when it loads the study, and the study's record of its fingerprint must match).
     """
 
     space_file: str | None = None
+    hub: str | None = None
     budget: int | None = None
     monitor: str | None = None
     mode: str | None = None
     max_epochs_per_trial: int | None = None
     seed: int | None = None
     searcher: str | None = None
+    weights: str | None = None
+    weights_attribute: str | None = None
+    curve: str | None = None
+    num_fresh_candidates: int | None = None
+    num_startup_trials: int | None = None
     max_paused_trials: int | None = None
+    max_surrogate_rows: int | None = None
+    promotion_probability: float | None = None
+    pending: str | None = None
+    fantasies: int | None = None
+    surrogate_options: dict[str, Any] | None = None
+    featurizer_options: dict[str, Any] | None = None
     prior: str | None = None
 
 
-#: The study options an agent takes (:class:`AgentSettings` less ``space_file``), stored with the study.
-AGENT_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(AgentSettings) if f.name != "space_file")
+#: The study options an agent takes (:class:`AgentSettings` less ``space_file`` and ``hub``), stored with the study.
+AGENT_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(AgentSettings) if f.name not in ("space_file", "hub"))
+#: What the agent stores with the study: :data:`AGENT_OPTIONS` and the hub.
+_STORED = ("hub", *AGENT_OPTIONS)
 
 
-def command_line(command: Sequence[str], config: dict[str, Any], resume: Path | None) -> list[str]:
-    """The user's command plus ``--key=value`` per configuration value and ``--ckpt_path=...`` when resuming."""
-    out = [*command, *(f"--{key}={_cli_value(value)}" for key, value in config.items())]
-    if resume is not None:
-        out.append(f"--ckpt_path={resume}")
-    return out
-
-
-def _cli_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return str(value)
+def _stored(stored: dict[str, Any], name: str) -> Any:
+    """A stored setting (a study created before the setting existed has the declared default)."""
+    if name in stored:
+        return stored[name]
+    return None if name == "hub" else declared_default(name)
 
 
 class StudyAgent:
@@ -144,12 +166,19 @@ class StudyAgent:
         self.study = StudyDirectory(study_dir)
         self.command = list(command)
         self.settings = settings or AgentSettings()
-        if self.settings.prior is not None:  # stored for the other agents, who may run elsewhere
-            self.settings = replace(self.settings, prior=str(Path(self.settings.prior).expanduser().absolute()))
+        for name in ("prior", "hub"):  # stored for the other agents, who may run elsewhere
+            value = getattr(self.settings, name)
+            if value is not None:
+                self.settings = replace(self.settings, **{name: str(Path(value).expanduser().absolute())})
         self.poll_s = poll_s
         self.echo = echo
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self.trained: list[tuple[int, int]] = []
+        self.snapshots = WeightSnapshots(self.study.weights_dir)
+        self._hub: ModelHub | None = None
+        self._modules: StudyModules | None = None
+        self._runner: CommandRunner | None = None
+        self._kept_pretrained = False
 
     # ------------------------------------------------------------------ state
     def _load(self) -> tuple[FreezeThawOptimizer, StudyLedger]:
@@ -157,6 +186,7 @@ class StudyAgent:
         state = self.study.load_state()
         if state is None:
             optimizer, ledger = self._create()
+            self._keep_pretrained(optimizer)
             ledger.save(optimizer)
             return optimizer, ledger
         if "agent" not in state:
@@ -168,12 +198,31 @@ class StudyAgent:
         self._check_settings(state, stored)
         optimizer = self._optimizer(SearchSpace.from_dict(state["settings"]["space"]), stored)
         optimizer.load_state_dict(state)
-        ledger = self._ledger(stored)
+        self._keep_pretrained(optimizer)
+        ledger = self._ledger(stored, optimizer)
         ledger.load_state_dict(section)
         return optimizer, ledger
 
-    def _ledger(self, stored: dict[str, Any]) -> StudyLedger:
-        return StudyLedger(self.study, monitor=stored["monitor"], mode=stored["mode"], section="agent", settings=stored)
+    def _ledger(self, stored: dict[str, Any], optimizer: FreezeThawOptimizer) -> StudyLedger:
+        hub = self._model_hub(stored)
+        return StudyLedger(
+            self.study,
+            monitor=stored["monitor"],
+            mode=stored["mode"],
+            section="agent",
+            settings=stored,
+            families={entry.name: entry.family for entry in hub} if hub is not None else None,
+            snapshots=self.snapshots if optimizer.searcher.uses_weights else None,
+        )
+
+    def _model_hub(self, stored: dict[str, Any]) -> ModelHub | None:
+        """The study's model hub (read once), or ``None`` without one."""
+        path = _stored(stored, "hub")
+        if path is None:
+            return None
+        if self._hub is None:
+            self._hub = ModelHub.from_yaml(path)
+        return self._hub
 
     def _create(self) -> tuple[FreezeThawOptimizer, StudyLedger]:
         given = self.settings
@@ -181,38 +230,70 @@ class StudyAgent:
             raise FMSError(f"study directory {self.study.path} holds no study yet: give --space to create it")
         if given.budget is None:
             raise FMSError(f"study directory {self.study.path} holds no study yet: give --budget to create it")
-        space_file = read_space_file(given.space_file)
+        stored: dict[str, Any] = {"hub": given.hub}
+        hub = self._model_hub(stored)
+        space_file = read_space_file(given.space_file, hub_entries=hub.names if hub is not None else None)
         monitor = given.monitor or space_file.monitor
         if not monitor:
             raise FMSError("give --monitor (the metric the script logs at validation)")
-        stored = {name: getattr(given, name) for name in AGENT_OPTIONS}
-        for name, value in stored.items():
-            if value is None:
-                stored[name] = declared_default(name)
+        for name in AGENT_OPTIONS:
+            value = getattr(given, name)
+            stored[name] = declared_default(name) if value is None else value
         stored.update(monitor=monitor, mode=given.mode or space_file.mode or FALLBACK_MODE)
-        return self._optimizer(space_file.space, stored), self._ledger(stored)
+        optimizer = self._optimizer(space_file.space, stored)
+        return optimizer, self._ledger(stored, optimizer)
 
     def _check_settings(self, state: dict[str, Any], stored: dict[str, Any]) -> None:
         given = self.settings
-        for key in AGENT_OPTIONS:
+        for key in _STORED:
             value = getattr(given, key)
-            if value is not None and value != stored.get(key):
+            if value is not None and value != _stored(stored, key):
                 raise FMSError(
-                    f"the study in {self.study.path} has {key}={stored.get(key)!r}, not {value!r}; "
+                    f"the study in {self.study.path} has {key}={_stored(stored, key)!r}, not {value!r}; "
                     "leave it out to join, or use a new --study_dir"
                 )
         if given.space_file is not None:
-            space = read_space_file(given.space_file).space
+            hub = self._model_hub(stored)
+            space = read_space_file(given.space_file, hub_entries=hub.names if hub is not None else None).space
             if space.to_dict() != state["settings"]["space"]:
                 raise FMSError(f"the study in {self.study.path} has another search space; use a new --study_dir")
 
+    def _study_modules(self, space: SearchSpace, hub: ModelHub | None) -> StudyModules:
+        """The featurizer's modules: each hub entry's network from the hub (``W_0``), each epoch's from its snapshot."""
+        if self._modules is None:
+
+            def pretrained(entry: str | None) -> Any:
+                return hub.build(str(entry)) if hub is not None and entry is not None else None
+
+            self._modules = StudyModules(space, pretrained, self.snapshots)
+        return self._modules
+
     def _optimizer(self, space: SearchSpace, stored: dict[str, Any]) -> FreezeThawOptimizer:
-        if space.hub_key is not None:
-            raise FMSError("agents take no model hub: give the weight files as a plain categorical parameter")
+        hub = self._model_hub(stored)
+        if space.hub_key is not None and hub is None:
+            raise FMSError(
+                f"the space's hub choice {space.hub_key!r} needs --hub (the model hub YAML whose entries it picks)"
+            )
+        if hub is not None and space.hub_key is None:
+            raise FMSError("--hub needs a hub choice in the space (e.g. 'model.pretrained: {type: hub}')")
         cap = int(stored["max_epochs_per_trial"])
-        seed = derive_seed(int(stored["seed"]), "searcher")
+        modules = self._study_modules(space, hub)
         searcher = seeded_searcher(
-            stored["searcher"], space, cap, seed=seed, weights="none", device="cpu", prior=stored.get("prior")
+            stored["searcher"],
+            space,
+            cap,
+            seed=derive_seed(int(stored["seed"]), "searcher"),
+            modules=modules,
+            weights=_stored(stored, "weights"),
+            curve=_stored(stored, "curve"),
+            device="cpu",
+            surrogate_options=_stored(stored, "surrogate_options"),
+            featurizer_options=_stored(stored, "featurizer_options"),
+            promotion_probability=_stored(stored, "promotion_probability"),
+            pending=_stored(stored, "pending"),
+            fantasies=_stored(stored, "fantasies"),
+            max_rows=_stored(stored, "max_surrogate_rows"),
+            prior=_stored(stored, "prior"),
         )
         return FreezeThawOptimizer(
             space,
@@ -221,8 +302,18 @@ class StudyAgent:
             max_epochs_per_trial=cap,
             mode=stored["mode"],
             seed=int(stored["seed"]),
-            max_paused_trials=stored.get("max_paused_trials"),
+            num_fresh_candidates=_stored(stored, "num_fresh_candidates"),
+            num_startup_trials=_stored(stored, "num_startup_trials"),
+            max_paused_trials=_stored(stored, "max_paused_trials"),
+            modules=modules if searcher.uses_weights else None,
         )
+
+    def _keep_pretrained(self, optimizer: FreezeThawOptimizer) -> None:
+        """Keep each hub entry's ``W_0`` in the study's snapshots once (when the study reads weights)."""
+        if self._kept_pretrained or not optimizer.searcher.uses_weights or self._modules is None:
+            return
+        self._modules.store_pretrained(self._hub)
+        self._kept_pretrained = True
 
     def _reap(self, optimizer: FreezeThawOptimizer) -> bool:
         """Give back running epochs whose agent process is gone; whether any was."""
@@ -293,55 +384,29 @@ class StudyAgent:
         trial_id, epoch = suggestion.trial_id, suggestion.epoch
         if isinstance(resume, str):  # the checkpoint is missing or was modified
             return EpochOutcome(error=resume)
-        trial_dir = self.study.trial_dir(trial_id)
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = ledger.checkpoint_path(trial_id, epoch)
-        result = trial_dir / f"epoch-{epoch}.json"
-        for stale in (checkpoint, result):
-            stale.unlink(missing_ok=True)
-        env = {
-            **os.environ,
-            ENV_STUDY_DIR: str(self.study.path.resolve()),
-            ENV_TRIAL: str(trial_id),
-            ENV_EPOCH: str(epoch),
-            ENV_RESUME: str(resume) if resume is not None else "",
-            ENV_RESULT: str(result.resolve()),
-            ENV_MONITOR: ledger.monitor,
-            ENV_CHECKPOINT: str(checkpoint.resolve()),
-        }
-        argv = command_line(self.command, suggestion.config, resume)
-        start = time.perf_counter()
-        stderr_path = trial_dir / f"epoch-{epoch}.stderr"
-        with open(trial_dir / f"epoch-{epoch}.stdout", "wb") as out, open(stderr_path, "wb") as err:
-            try:
-                code = subprocess.run(argv, stdout=out, stderr=err, env=env, check=False).returncode
-            except OSError as error:
-                return EpochOutcome(
-                    error=f"cannot run {argv[0]!r}: {error.strerror}", wall_s=time.perf_counter() - start
-                )
-        wall_s = time.perf_counter() - start
-        if code != 0:
-            return EpochOutcome(
-                error=_last_line(stderr_path) or f"the command exited with status {code}", wall_s=wall_s
+        stored = ledger.settings or {}
+        if self._runner is None:
+            assert self._modules is not None  # built by _load
+            self._runner = CommandRunner(
+                self.command,
+                self.study.path,
+                hub_key=self._modules.space.hub_key,
+                hub=self._hub,
+                weights_attribute=_stored(stored, "weights_attribute"),
             )
-        if not result.exists():
-            return EpochOutcome(
-                error="the command wrote no result: add FMSCheckpointCallback() to its Trainer's callbacks",
-                wall_s=wall_s,
-            )
-        data = json.loads(result.read_text())
-        if data.get("error"):
-            return EpochOutcome(error=str(data["error"]), wall_s=wall_s)
-        if int(data.get("epoch", 0)) != epoch:
-            return EpochOutcome(
-                error=f"the run ended at epoch {data.get('epoch')}, not {epoch} "
-                "(is the Trainer's max_epochs too small?)",
-                wall_s=wall_s,
-            )
-        if not checkpoint.exists():
-            return EpochOutcome(error=f"the run saved no checkpoint at {checkpoint}", wall_s=wall_s)
-        value = data.get("value")
-        return EpochOutcome(value=float(value) if value is not None else math.nan, wall_s=wall_s)
+        job = EpochJob(
+            trial_id=trial_id,
+            config=suggestion.config,
+            epoch=epoch,
+            resume_from=resume,
+            checkpoint_out=ledger.checkpoint_path(trial_id, epoch),
+            log_dir=self.study.trial_dir(trial_id),
+            seed=int(stored["seed"]),
+            monitor=ledger.monitor,
+            cap=int(stored["max_epochs_per_trial"]),
+            record_weights=ledger.snapshots is not None,  # the study reads weights: the script's callback writes them
+        )
+        return self._runner.run_epoch(job)
 
     def _finish(
         self, optimizer: FreezeThawOptimizer, ledger: StudyLedger, suggestion: Suggestion, outcome: EpochOutcome
@@ -352,7 +417,7 @@ class StudyAgent:
         if claimed is None or claimed.decision.epoch != epoch or dict(claimed.owner) != self.owner:
             log.warning("trial %d epoch %d was given back meanwhile; its result is dropped", trial_id, epoch)
             return
-        ledger.commit(optimizer, trial_id, epoch, outcome, claimed=True)
+        ledger.commit(optimizer, trial_id, epoch, outcome, claimed=True)  # the weights go to the snapshots
         self.trained.append((trial_id, epoch))
         if self.echo:
             status = f"failed: {optimizer.trials[trial_id].error}" if outcome.error else f"{outcome.value:.4g}"
@@ -391,8 +456,3 @@ def _alive(owner: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _last_line(path: Path) -> str:
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else ""

@@ -2,15 +2,16 @@
 
 ``lightning-fms tune --config recipes/demo.yaml --study_dir runs/demo --seed 0 --budget 100`` runs (or
 resumes) a study; every option of :class:`~lightning_fms.options.StudyOptions` is a flag (``--searcher gp``,
-``--frozen_layers true``, ...) that overrides the recipe. Problems with the input are reported as one line,
-``lightning-fms: error: ...``, with exit status 2 and no traceback; what the study already recorded is kept.
+``--frozen_layers true``, ``--ray.workers 4``, ...) that overrides the recipe. Problems with the input are reported
+as one line, ``lightning-fms: error: ...``, with exit status 2 and no traceback; what the study already recorded is
+kept.
 
 ``lightning-fms fit --model pkg.Module --data pkg.DataModule [--config cfg.yaml] --tuner fms ...`` is
 :class:`~lightning_fms.lightning_cli.FMSLightningCLI`'s ``fit`` without a script (any LightningModule and
 LightningDataModule, picked by import path; the current directory is importable).
 
-``lightning-fms agent --study_dir runs/s1 [--space space.yaml --budget 30 --monitor val_acc ...] -- python
-train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
+``lightning-fms agent --study_dir runs/s1 [--space space.yaml --hub hub.yaml --budget 30 --monitor val_acc ...]
+-- python train.py ...`` runs the user's own command once per decision (see :mod:`lightning_fms.agent`); several
 agents may share one study directory. Its study flags are the options :class:`~lightning_fms.agent.AgentSettings`
 takes, generated from the same declaration.
 
@@ -56,9 +57,15 @@ def _agent_arguments(agent: argparse.ArgumentParser) -> None:
     from lightning_fms.agent import AGENT_OPTIONS
     from lightning_fms.options import add_option_flags
 
-    agent.usage = "lightning-fms agent --study_dir DIR [--space FILE --budget N ...] -- COMMAND ..."
+    agent.usage = "lightning-fms agent --study_dir DIR [--space FILE --hub FILE --budget N ...] -- COMMAND ..."
     agent.add_argument("--study_dir", required=True, help="study directory (created on first use, else joined)")
     agent.add_argument("--space", default=None, help="search-space file (recipe space format or a W&B sweep)")
+    agent.add_argument(
+        "--hub",
+        default=None,
+        help="model hub YAML (as a recipe's hub:): the space's {type: hub} choice picks its entries, and the "
+        "command receives the entry's weights file at the choice's name (e.g. --model.pretrained=/abs/x.safetensors)",
+    )
     agent.add_argument("--quiet", action="store_true", help="no line per trained epoch on stderr")
     group = agent.add_argument_group("study options (stored by the agent that creates the study; others may omit them)")
     add_option_flags(group, AGENT_OPTIONS)
@@ -161,7 +168,12 @@ def _tune(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_yaml(args.config, flag_values(args, option_names()))
     tuner = recipe.build_tuner(args.study_dir, progress=not args.no_progress)
-    result = tuner.run()
+    try:
+        result = tuner.run()
+    finally:
+        close = getattr(tuner.executor, "close", None)  # a Ray executor stops its workers (and a local cluster)
+        if close is not None:
+            close()
     print(json.dumps(result.summary(), indent=2, default=str))
     return 0
 
@@ -174,7 +186,7 @@ def _agent(args: argparse.Namespace, command: Sequence[str]) -> int:
     from lightning_fms.agent import AGENT_OPTIONS, AgentSettings, StudyAgent
     from lightning_fms.options import flag_values
 
-    settings = AgentSettings(space_file=args.space, **flag_values(args, AGENT_OPTIONS))
+    settings = AgentSettings(space_file=args.space, hub=args.hub, **flag_values(args, AGENT_OPTIONS))
     summary = StudyAgent(args.study_dir, command, settings, echo=not args.quiet).run()
     print(json.dumps(summary, indent=2, default=str))
     return 0

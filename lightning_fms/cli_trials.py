@@ -33,7 +33,7 @@ from torch import nn
 
 from lightning_fms.atomic import atomic_write_text
 from lightning_fms.errors import FMSError
-from lightning_fms.hub import HubEntry, ModelHub
+from lightning_fms.hub import HubEntry, ModelHub, bind_weight_files
 from lightning_fms.search.space import CategoricalParam, FloatParam, IntParam, SearchSpace
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.quiet import quiet_lightning
@@ -114,6 +114,9 @@ class CLITrialBuilder:
         self.sub: str | None = cli.subcommand
         self.cap = cap
         self.weights_attribute = weights_attribute
+        self.base_dir = base_dir
+        self.max_epochs_key = max_epochs_key
+        self.reads_weights = reads_weights
         parser = cli.parser
         full = yaml.safe_load(parser.dump(cli.config, skip_link_targets=True, skip_none=False))
         self._section(full).pop("tuner", None)
@@ -134,7 +137,6 @@ class CLITrialBuilder:
             self.cap_path = self._resolve_key(max_epochs_key, what="--tuner.max_epochs_key")
         self.hub: WeightFilesHub | None = None
         """The hub choice's weight files (``None``: the space has no hub choice)."""
-        self.files: dict[str, str] = {}
         if space.hub_key is not None:
             self.hub = self._weights_hub(space, base_dir)
         self._cache: dict[str, Namespace] = {}
@@ -200,7 +202,6 @@ class CLITrialBuilder:
             if found is None:
                 looked = ", ".join(str(c) for c in candidates)
                 raise FMSError(f"hub choice {key!r}: weights file {choice!r} does not exist (looked for {looked})")
-            self.files[choice] = str(found.resolve())
             entries.append(
                 HubEntry(name=choice, family=path.stem, class_path=class_path, init_args={}, weights=found.resolve())
             )
@@ -208,9 +209,7 @@ class CLITrialBuilder:
 
     def _raw(self, values: Mapping[str, Any], cap: int | None = None) -> dict[str, Any]:
         raw = copy.deepcopy(self.base)
-        for name, value in values.items():
-            if name == self.space.hub_key:
-                value = self.files[value]
+        for name, value in bind_weight_files(values, self.space.hub_key, self.hub).items():
             _set_path(self._section(raw), self.paths[name], value)
         cap = trial_cap(self.cap, cap)
         if self.cap_path is not None and cap is not None:

@@ -8,6 +8,7 @@ The core (search, surrogates, the GMN/FLAT/statistics featurizers, training, stu
 | ``nfn`` | nfn | the ``nfn`` featurizer (:mod:`lightning_fms.weights.nfn`) |
 | ``demo`` | scikit-learn | the digits data of the demo and the benchmark (:mod:`lightning_fms.zoo.digits`) |
 | ``wandb`` | wandb | W&B logging (:mod:`lightning_fms.loggers`) |
+| ``ray`` | ray | the Ray executor (:mod:`lightning_fms.parallel.ray_executor`) |
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from lightning_fms.atomic import atomic_write_text, sha256_file
 from lightning_fms.errors import CheckpointError, FMSError, one_line
 
-__all__ = ["HubEntry", "ModelHub", "load_weights_file", "sha256_file"]
+__all__ = ["HubEntry", "ModelHub", "bind_weight_files", "load_weights_file", "sha256_file"]
 
 _ENTRY_REQUIRED = ("name", "family", "class_path", "weights")
 _ENTRY_OPTIONAL = ("init_args", "sha256", "metadata")
@@ -427,3 +427,25 @@ class ModelHub:
 
     def __repr__(self) -> str:
         return f"ModelHub(name={self.name!r}, entries={self.names})"
+
+
+def bind_weight_files(config: Mapping[str, Any], hub_key: str | None, hub: ModelHub | None) -> dict[str, Any]:
+    """A configuration as a training script receives it: the hub choice's entry replaced by its weights file.
+
+    The hub choice is named by the config key (or command-line argument) through which the script receives its
+    pretrained weights, e.g. ``model.pretrained``; its value, an entry name, becomes the absolute path of that
+    entry's weights file. ``FMSLightningCLI``'s trials and the commands of ``lightning-fms agent`` both receive
+    the hub choice this way.
+
+    Args:
+        config: A trial's configuration (space keys to values).
+        hub_key: The space's hub choice (``None``: none; the configuration is returned as it is).
+        hub: The hub whose entries the choice names.
+
+    Raises:
+        FMSError: an entry the hub does not have.
+    """
+    out = dict(config)
+    if hub_key is not None and hub is not None and hub_key in out:
+        out[hub_key] = str(Path(hub.entry(str(out[hub_key])).weights).absolute())
+    return out

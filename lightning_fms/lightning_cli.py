@@ -30,16 +30,21 @@ How a study runs through the CLI:
   (``max_epochs``, ``callbacks``, ``logger``, checkpointing, progress bar, sanity steps, validation interval).
 * Before the study, a one-batch ``fast_dev_run`` fit of the config's model checks that the monitored
   metric is logged (``--tuner.preflight false`` skips it).
+* ``--tuner.ray.workers 4`` (or any ``--tuner.ray.*`` option) runs the epochs on a Ray cluster; each worker builds
+  the CLI again from the parsed config (:class:`CLIExecutorFactory`), see docs/ray.md.
 
 Every input problem ends the program with one line, ``lightning-fms: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -49,7 +54,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_fms.cli_trials import CLITrialBuilder
 from lightning_fms.errors import FMSError, error_line
-from lightning_fms.options import TUNERS, TunerOptions, WandbOptions, tuner_arguments
+from lightning_fms.options import TUNERS, RayOptions, TunerOptions, WandbOptions, check_option, tuner_arguments
+from lightning_fms.parallel.ray_executor import RayExecutor, ray_settings
 from lightning_fms.search.searcher import resolve_weights
 from lightning_fms.search.space import CategoricalParam, HubChoice, SearchSpace
 from lightning_fms.sweep import read_space_file
@@ -129,6 +135,10 @@ class FMSLightningCLI(LightningCLI):
     tune_result: TuneResult | None = None
     """The study's result after ``fit --tuner fms`` (``None`` otherwise)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._init_arguments = (args, {k: v for k, v in kwargs.items() if k not in ("args", "run")})
+        super().__init__(*args, **kwargs)
+
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add LightningCLI's defaults and the ``tuner`` group."""
         super().add_default_arguments_to_parser(parser)
@@ -207,6 +217,9 @@ class FMSLightningCLI(LightningCLI):
             raise FMSError("no metric to optimise: give --tuner.monitor (or a 'metric' in the space file)")
         if mode is None:
             raise FMSError(f"give --tuner.mode max or min for {monitor!r} (or metric.goal in the space file)")
+        ray = None
+        if options.ray.enabled:  # bad settings fail here, in the words of a recipe's
+            ray = ray_settings(check_option("ray", options.ray.given()).given())
         observers = []
         if options.wandb.enabled:
             from lightning_fms.loggers.wandb import WandbStudyLogger
@@ -222,7 +235,12 @@ class FMSLightningCLI(LightningCLI):
             weights_attribute=weights_attribute,
             reads_weights=resolve_weights(options.searcher, space, options.weights) != "none",
         )
-        executor = InProcessExecutor(builder, monitor=monitor, hub=builder.hub, weights_attribute=weights_attribute)
+        executor: Any = InProcessExecutor(
+            builder, monitor=monitor, hub=builder.hub, weights_attribute=weights_attribute
+        )
+        if ray is not None:  # each Ray worker builds the CLI and its trial builder again, from this config
+            factory = CLIExecutorFactory.of(self, builder, monitor)
+            executor = RayExecutor(factory, local=executor, **ray)
         tuner = FMSTuner(
             executor=executor,
             space=space,
@@ -234,14 +252,100 @@ class FMSLightningCLI(LightningCLI):
         )
         if options.preflight:
             builder.preflight(model, datamodule, monitor)
-        result = tuner.run()
+        try:
+            result = tuner.run()
+        finally:
+            if ray is not None:
+                executor.close()
         print(json.dumps(result.summary(), indent=2, default=str))
         return result
+
+
+@dataclass
+class CLIExecutorFactory:
+    """Builds on a Ray worker the epoch executor of a study run by :class:`FMSLightningCLI` (a picklable recipe).
+
+    A LightningCLI does not travel to another process, so each worker builds the CLI again (the same class and
+    arguments, ``run=False``) from the parsed config, without the tuner's options and the subcommand's own
+    arguments, and then the trial builder and the in-process executor as the driver built them.
+
+    Attributes:
+        cli_class: The CLI class (pickled by reference, or by value when it is defined in ``__main__``).
+        init_args: Its positional arguments.
+        init_kwargs: Its keyword arguments, less ``args`` and ``run``.
+        config: The parsed config of the subcommand, less ``tuner``, ``config`` and the subcommand's arguments.
+        space: The search space.
+        base_dir: Folder relative hub-choice paths are taken from first.
+        cap: The per-trial epoch cap.
+        max_epochs_key: Config key receiving the cap.
+        weights_attribute: Submodule whose weights are recorded.
+        reads_weights: Whether the surrogate reads weights.
+        monitor: The monitored metric.
+    """
+
+    cli_class: type
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    config: dict[str, Any]
+    space: SearchSpace
+    base_dir: Path | None
+    cap: int | None
+    max_epochs_key: str | None
+    weights_attribute: str
+    reads_weights: bool
+    monitor: str
+
+    @classmethod
+    def of(cls, cli: FMSLightningCLI, builder: CLITrialBuilder, monitor: str) -> CLIExecutorFactory:
+        """The factory of the executor that ``cli`` runs with ``builder``."""
+        args, kwargs = getattr(cli, "_init_arguments", ((), {}))
+        config = copy.deepcopy(builder.base)
+        section = config[builder.sub] if builder.sub else config
+        subcommand_arguments = set(inspect.signature(pl.Trainer.fit).parameters) if builder.sub else set()
+        for key in {"tuner", "config", *subcommand_arguments}:
+            section.pop(key, None)
+        return cls(
+            cli_class=type(cli),
+            init_args=tuple(args),
+            init_kwargs={**kwargs, "save_config_callback": None},
+            config=section,
+            space=builder.space,
+            base_dir=builder.base_dir,
+            cap=builder.cap,
+            max_epochs_key=builder.max_epochs_key,
+            weights_attribute=builder.weights_attribute,
+            reads_weights=builder.reads_weights,
+            monitor=monitor,
+        )
+
+    def __call__(self) -> InProcessExecutor:
+        """Build the CLI (``run=False``), its trial builder and the in-process executor.
+
+        Raises:
+            FMSError: the config does not parse here (the message names the worker's problem).
+        """
+        try:
+            cli = self.cli_class(*self.init_args, **self.init_kwargs, args=copy.deepcopy(self.config), run=False)
+        except SystemExit as error:  # jsonargparse exits on what it cannot parse
+            raise FMSError(f"the Ray worker cannot parse the study's config again (exit {error.code})") from None
+        builder = CLITrialBuilder(
+            cli,
+            self.space,
+            self.base_dir,
+            cap=self.cap,
+            max_epochs_key=self.max_epochs_key,
+            weights_attribute=self.weights_attribute,
+            reads_weights=self.reads_weights,
+        )
+        return InProcessExecutor(
+            builder, monitor=self.monitor, hub=builder.hub, weights_attribute=self.weights_attribute
+        )
 
 
 def _options_from_namespace(namespace: Namespace) -> TunerOptions:
     values = namespace.as_dict()
     values["wandb"] = WandbOptions(**(values.get("wandb") or {}))
+    values["ray"] = RayOptions(**(values.get("ray") or {}))
     return TunerOptions(**values)
 
 

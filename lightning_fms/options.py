@@ -38,7 +38,9 @@ from lightning_fms.weights.registry import FEATURIZERS
 
 __all__ = [
     "FALLBACK_MODE",
+    "OPTION_GROUPS",
     "TUNERS",
+    "RayOptions",
     "StudyOptions",
     "TunerOptions",
     "WandbOptions",
@@ -140,6 +142,56 @@ def _parse_frozen_layers(text: str) -> bool | list[float]:
         raise ValueError("must be true, false or fractions like 0.25,0.5") from None
 
 
+RayMode = Literal["async", "sync"]
+RayRefit = Literal["auto", "background", "inline"]
+
+
+@options_dataclass
+class RayOptions:
+    """Where a study's epochs run on a Ray cluster (the ``ray`` extra, docs/ray.md); unset, they run in this process.
+
+    A recipe's ``tuner.ray:`` block (even empty) runs the study on Ray; so does any ``--ray.*`` flag of
+    ``lightning-fms tune`` or ``--tuner.ray.*`` option of ``FMSLightningCLI``.
+    """
+
+    address: str | None = option(
+        None,
+        "The Ray cluster: null starts a local single-host one (on 127.0.0.1 only); 'auto' or HOST:PORT attaches to "
+        "a running one (ray start --head).",
+        nonempty=True,
+    )
+    workers: int | None = option(None, "Epochs run at once, one long-lived Ray worker each (default 1).", minimum=1)
+    cpus_per_trial: float | None = option(None, "Ray CPUs each worker holds (default 1).", minimum=0)
+    gpus_per_trial: float | None = option(
+        None, "Ray GPUs each worker holds; may be fractional, 0.5 packs two workers per GPU (default 0).", minimum=0
+    )
+    mode: RayMode | None = option(
+        None,
+        "How the driver decides: async (whenever a worker frees; the default) or sync (batches of one decision "
+        "per worker, reproducible with the same seed).",
+    )
+    refit: RayRefit | None = option(
+        None,
+        "When async decisions refit the surrogate in a background thread and decide with the latest fit meanwhile: "
+        "auto (once a fit outlasts the time between two free workers; the default), background (always), inline "
+        "(never).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any option is set."""
+        return bool(self.given())
+
+    def given(self) -> dict[str, Any]:
+        """The options that are set (the keyword arguments of the Ray executor)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+#: Options whose value is a group of options (a declaration of its own): recipe ``tuner.<name>:`` blocks,
+#: ``--<name>.<option>`` flags and ``--tuner.<name>.<option>`` with FMSLightningCLI.
+OPTION_GROUPS: dict[str, type] = {"ray": RayOptions}
+
+
 @options_dataclass
 class StudyOptions:
     """How a study searches: its budget, metric, seed, searcher and surrogate settings."""
@@ -206,6 +258,11 @@ class StudyOptions:
     prior: str | None = option(
         None,
         "A prior file written by lightning-fms pretrain: fresh surrogate fits start from it (see docs/transfer.md).",
+    )
+    ray: RayOptions = option(
+        default_factory=RayOptions,
+        help="Run the epochs on a Ray cluster, several at once (see docs/ray.md).",
+        executor=True,
     )
 
 
@@ -348,31 +405,55 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def check_option(name: str, value: Any, declaration: type = StudyOptions) -> Any:
+def check_option(name: str, value: Any, declaration: type = StudyOptions, prefix: str = "") -> Any:
     """Validate one option's value (from a recipe or a flag) against its declared type and bounds.
 
+    An option group (:data:`OPTION_GROUPS`, e.g. ``ray``) takes a mapping of its own options (each validated the
+    same way; ``None``: none set) and returns the group's dataclass.
+
+    Args:
+        name: The option.
+        value: Its value.
+        declaration: The declaration the option belongs to.
+        prefix: Put before the option's name in messages (``"ray."`` for the options of the ``ray`` group).
+
     Returns:
-        The value.
+        The value (an option group's dataclass for a group).
 
     Raises:
         FMSError: unknown option, wrong type, a choice that does not exist, below the minimum, an empty string.
     """
     spec = _fields(declaration).get(name)
+    label = prefix + name
     if spec is None:
-        raise FMSError(f"unknown option {name!r} (known: {', '.join(option_names(declaration))})")
+        known = ", ".join(prefix + n for n in option_names(declaration))
+        raise FMSError(f"unknown option {label!r} (known: {known})")
     hint = _hints(declaration)[name]
+    group = OPTION_GROUPS.get(name)
+    if group is not None and hint is group and not isinstance(value, group):
+        return _check_group(label, value, group)
     if not _matches(value, hint):
         choices = [a for a in _union_args(hint) if typing.get_origin(a) is Literal]
         if choices and isinstance(value, str):
             known = ", ".join(map(str, typing.get_args(choices[0])))
-            raise FMSError(f"unknown {name} {value!r} (expected one of {known})")
-        raise FMSError(f"{name} must be {_describe(hint)}, got {value!r}")
+            raise FMSError(f"unknown {label} {value!r} (expected one of {known})")
+        raise FMSError(f"{label} must be {_describe(hint)}, got {value!r}")
     if spec.metadata["nonempty"] and value == "":
-        raise FMSError(f"{name} must be a non-empty string, got {value!r}")
+        raise FMSError(f"{label} must be a non-empty string, got {value!r}")
     minimum = spec.metadata["minimum"]
     if minimum is not None and value is not None and value < minimum:
-        raise FMSError(f"{name} must be >= {minimum}, got {value}")
+        raise FMSError(f"{label} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_group(label: str, value: Any, group: type) -> Any:
+    """An option group's dataclass from a mapping of its options, each validated."""
+    if value is None:
+        return group()
+    if not isinstance(value, Mapping):
+        raise FMSError(f"{label} must be a mapping of its options ({', '.join(option_names(group))}), got {value!r}")
+    checked = {key: check_option(str(key), item, group, prefix=f"{label}.") for key, item in value.items()}
+    return group(**checked)
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -401,19 +482,39 @@ def add_option_flags(parser: argparse.ArgumentParser, names: Iterable[str], decl
     field's own ``parse`` wins. Every flag defaults to ``None`` (not given).
     """
     for name in names:
+        group = OPTION_GROUPS.get(name)
+        if group is not None and _hints(declaration)[name] is group:  # --ray.address, --ray.workers, ...
+            for sub in option_names(group):
+                keywords, _ = _flag_kind(sub, group)
+                text = _fields(group)[sub].metadata["help"].replace("``", "")
+                parser.add_argument(f"--{name}.{sub}", dest=f"{name}.{sub}", default=None, help=text, **keywords)
+            continue
         keywords, _ = _flag_kind(name, declaration)
         text = _fields(declaration)[name].metadata["help"].replace("``", "")  # the docstring's markup
         parser.add_argument(f"--{name}", default=None, help=text, **keywords)
 
 
-def flag_values(args: argparse.Namespace, names: Iterable[str], declaration: type = StudyOptions) -> dict[str, Any]:
+def flag_values(
+    args: argparse.Namespace, names: Iterable[str], declaration: type = StudyOptions, prefix: str = ""
+) -> dict[str, Any]:
     """The options given as flags (those not ``None``), converted and validated by :func:`check_option`.
+
+    An option group's flags (``--ray.workers 2``) give a mapping of the group's options that were given
+    (``{"ray": {"workers": 2}}``), validated, for a recipe's block to be updated with. ``prefix`` is put before
+    the option names in messages.
 
     Raises:
         FMSError: a value that does not parse or validate (the message names the flag).
     """
     out: dict[str, Any] = {}
     for name in names:
+        group = OPTION_GROUPS.get(name)
+        if group is not None and _hints(declaration)[name] is group:  # a mapping of the --<name>.* flags given
+            flags = argparse.Namespace(**_group_flags(args, name))
+            given = flag_values(flags, option_names(group), group, prefix=f"{name}.")
+            if given:
+                out[name] = given
+            continue
         text = getattr(args, name, None)
         if text is None:
             continue
@@ -421,6 +522,12 @@ def flag_values(args: argparse.Namespace, names: Iterable[str], declaration: typ
         try:
             value = parse(text) if parse is not None else text
         except (ValueError, yaml.YAMLError) as error:
-            raise FMSError(f"--{name} {error}, got {text!r}") from None
-        out[name] = check_option(name, value, declaration)
+            raise FMSError(f"--{prefix}{name} {error}, got {text!r}") from None
+        out[name] = check_option(name, value, declaration, prefix=prefix)
     return out
+
+
+def _group_flags(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The ``--<name>.<option>`` flags of an option group, by option (``None``: not given)."""
+    start = f"{name}."
+    return {key[len(start) :]: value for key, value in vars(args).items() if key.startswith(start)}

@@ -20,8 +20,10 @@ Example (``recipes/demo.yaml``)::
 
 The study's options (``monitor``, ``mode``, ``budget``, ``max_epochs_per_trial``, ``seed`` at the top, the
 rest in the ``tuner:`` block) are those declared by :class:`~lightning_fms.options.StudyOptions`, validated
-against their declared types. Paths are expanded (``{cache}`` is ``$LIGHTNING_FMS_CACHE`` or
-``~/.cache/lightning_fms``, then ``~`` and ``$VARS``) and, when relative, taken from the recipe's folder
+against their declared types. A ``tuner.ray: {address, workers, cpus_per_trial, gpus_per_trial, mode}`` block
+(even empty) runs the epochs on a Ray cluster (docs/ray.md). Paths are expanded (``{cache}`` is
+``$LIGHTNING_FMS_CACHE`` or ``~/.cache/lightning_fms``, then ``~`` and ``$VARS``) and, when relative, taken from
+the recipe's folder
 (``hub`` and ``tuner.prior``; a ``--prior`` flag's relative path is taken from the current directory).
 """
 
@@ -38,7 +40,15 @@ import yaml
 
 from lightning_fms.errors import FMSError
 from lightning_fms.hub import ModelHub
-from lightning_fms.options import FALLBACK_MODE, check_option, declared_default, recipe_option_names, tuner_arguments
+from lightning_fms.options import (
+    FALLBACK_MODE,
+    OPTION_GROUPS,
+    check_option,
+    declared_default,
+    recipe_option_names,
+    tuner_arguments,
+)
+from lightning_fms.parallel.ray_executor import RayExecutor, ray_settings
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT, accepts_argument
@@ -182,7 +192,10 @@ class Recipe:
             if key in PATH_OPTIONS and isinstance(value, str):
                 value = str(resolve_path(value, Path.cwd()))  # a flag's relative path is the shell's, not the recipe's
             if key in TUNER_KEYS:
-                merged["tuner"] = {**_mapping(merged.get("tuner"), "tuner"), key: value}
+                block = _mapping(merged.get("tuner"), "tuner")
+                if key in OPTION_GROUPS and isinstance(value, Mapping):  # --ray.workers 2 updates the ray block
+                    value = {**_mapping(block.get(key), f"tuner.{key}"), **value}
+                merged["tuner"] = {**block, key: value}
             else:
                 merged[key] = value
         return cls.from_dict(merged, base_dir=path.parent)
@@ -200,7 +213,13 @@ class Recipe:
         bad = set(tuner) - TUNER_KEYS
         if bad:
             raise FMSError(f"unknown tuner option(s) {sorted(bad)} (known: {', '.join(sorted(TUNER_KEYS))})")
-        tuner = {key: check_option(key, value) for key, value in tuner.items()}
+        tuner = {
+            key: check_option(key, value)
+            for key, value in tuner.items()
+            if key not in OPTION_GROUPS or value is not None
+        }
+        if "ray" in tuner:
+            ray_settings(tuner["ray"].given())  # a bad setting fails here, before anything starts
         for key in PATH_OPTIONS:
             if tuner.get(key) is not None:
                 tuner[key] = str(resolve_path(tuner[key], base_dir))
@@ -271,6 +290,9 @@ class Recipe:
     def build_tuner(self, study_dir: str | os.PathLike[str], progress: bool = True) -> Any:
         """An :class:`~lightning_fms.tuner.FMSTuner` for this recipe.
 
+        With a ``tuner.ray`` block its executor is a :class:`~lightning_fms.parallel.ray_executor.RayExecutor`
+        (close it after the study: ``tuner.executor.close()``).
+
         Raises:
             FMSError: anything in the recipe that cannot work (imports, hub, space, arguments).
         """
@@ -278,7 +300,9 @@ class Recipe:
 
         hub = self.load_hub()
         space = self.build_space(hub)
-        executor = self.build_executor(hub, space, self.max_epochs_per_trial)
+        executor: Any = self.build_executor(hub, space, self.max_epochs_per_trial)
+        if "ray" in self.tuner:  # the epochs run on Ray workers, each with a copy of this executor
+            executor = RayExecutor(executor, **ray_settings(self.tuner["ray"].given()))
         return FMSTuner(
             executor=executor,
             space=space,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,9 @@ class SpaceFile:
     base_dir: Path | None
 
 
-def read_space_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> SpaceFile:
+def read_space_file(
+    source: str | os.PathLike[str] | Mapping[str, Any], hub_entries: Sequence[str] | None = None
+) -> SpaceFile:
     """Read a search space in any of the accepted forms.
 
     * a W&B sweep (a mapping with ``parameters``), see :func:`space_from_sweep`;
@@ -207,6 +209,8 @@ def read_space_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> Space
 
     Args:
         source: A YAML file, or the parsed mapping itself.
+        hub_entries: The model hub's entry names: a ``{type: hub}`` choice without ``choices`` takes them, and
+            one with ``choices`` must name entries of the hub (``None``: no hub; a hub choice lists its choices).
 
     Raises:
         FMSError: the file is missing or not YAML, or the space is invalid.
@@ -239,4 +243,4 @@ def read_space_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> Space
             raise FMSError(f"space file: monitor must be a metric name, got {monitor!r}")
         if mode is not None and mode not in ("max", "min"):
             raise FMSError(f"space file: mode must be 'max' or 'min', got {mode!r}")
-    return SpaceFile(SearchSpace.from_dict(specs), monitor, mode, "recipe", base_dir)
+    return SpaceFile(SearchSpace.from_dict(specs, hub_entries=hub_entries), monitor, mode, "recipe", base_dir)

@@ -22,7 +22,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
 
 from lightning_fms.errors import CheckpointError, FMSError
 from lightning_fms.frozen.levels import FrozenLayers, check_fractions
@@ -33,13 +32,13 @@ from lightning_fms.parallel.driver import ConcurrentDriver
 from lightning_fms.parallel.protocol import is_concurrent
 from lightning_fms.progress import StudyProgress
 from lightning_fms.search.optimizer import FreezeThawOptimizer, Suggestion, SuggestionKind
-from lightning_fms.search.rows import WeightKey
 from lightning_fms.search.searcher import seeded_searcher
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.search.space import SearchSpace
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.ledger import StudyLedger
-from lightning_fms.study.snapshots import WeightSnapshots, module_description
+from lightning_fms.study.modules import StudyModules
+from lightning_fms.study.snapshots import WeightSnapshots
 from lightning_fms.training.executor import EpochJob, EpochOutcome, Executor
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.trial_builder import DEFAULT_EPOCHS_ARGUMENT, DEFAULT_HUB_ARGUMENT
@@ -235,13 +234,14 @@ class FMSTuner:
                 datamodule_options=datamodule_options,
                 trainer_options=trainer_options,
             )
-        self._modules: dict[WeightKey, nn.Module] = {}
+        self.modules = StudyModules(space, self.executor.pretrained_module, WeightSnapshots(self.study.weights_dir))
+        """The featurizer's modules: each hub entry's ``W_0`` and each trained epoch's weights."""
         search = seeded_searcher(
             searcher,
             space,
             max_epochs_per_trial,
             seed=derive_seed(seed, "searcher"),
-            modules=self._module_for,
+            modules=self.modules,
             weights=weights,
             curve=curve,
             device=device,
@@ -255,7 +255,7 @@ class FMSTuner:
             prior=prior,
         )
         self.frozen_layers = self._frozen_layer_model(fractions) if fractions is not None else None
-        self.snapshots = WeightSnapshots(self.study.weights_dir) if search.uses_weights else None
+        self.snapshots = self.modules.snapshots if search.uses_weights else None
         self.optimizer = FreezeThawOptimizer(
             space,
             search,
@@ -266,7 +266,7 @@ class FMSTuner:
             num_fresh_candidates=num_fresh_candidates,
             num_startup_trials=num_startup_trials,
             max_paused_trials=max_paused_trials,
-            modules=self._module_for if search.uses_weights else None,
+            modules=self.modules if search.uses_weights else None,
             frozen_layers=self.frozen_layers,
         )
         self.monitor = monitor
@@ -275,7 +275,7 @@ class FMSTuner:
             self.study, monitor=monitor, mode=mode, families=self._families(), snapshots=self.snapshots
         )
 
-    # ------------------------------------------------------------------ cost model, modules of the featurizer
+    # ------------------------------------------------------------------ cost model
     def _frozen_layer_model(self, fractions: tuple[float, ...]) -> FrozenLayers:
         """The cost model of every hub entry (or of the one architecture without a hub), on one real batch."""
         rng = np.random.default_rng(derive_seed(self.seed, "frozen-layer-costs"))
@@ -287,39 +287,6 @@ class FMSTuner:
             costs = self.executor.frozen_layer_costs(configs, fractions)
         return FrozenLayers(fractions, {str(entry): cost for entry, cost in zip(entries, costs, strict=True)})
 
-    def _module_for(self, key: WeightKey, config: dict[str, Any]) -> nn.Module:
-        """The module (architecture + weights) behind a weight key, cached."""
-        if key in self._modules:
-            return self._modules[key]
-        entry = config.get(self.space.hub_key) if self.space.hub_key else None
-        module = self.executor.pretrained_module(entry)
-        if module is None:
-            raise FMSError("weight featurizers need a model hub (the space has no hub choice)")
-        if key[0] == "trial":
-            assert self.snapshots is not None
-            module.load_state_dict(self.snapshots.get(key))
-        module.eval().requires_grad_(False)
-        self._modules[key] = module
-        return module
-
-    def _store_pretrained_snapshots(self) -> None:
-        """Keep each hub entry's pretrained weights (``W_0``) once in the study's snapshots, as ``("hub", entry)``.
-
-        The file's metadata describes the module (:func:`~lightning_fms.study.snapshots.module_description`), so
-        the study directory alone gives every snapshot's weight features against its run's ``W_0``
-        (:mod:`lightning_fms.transfer.sources`). Nothing to do when the study records no weights.
-        """
-        if self.snapshots is None or self.space.hub_key is None:
-            return
-        names = set(self.hub.names) if self.hub is not None else set()
-        for entry in getattr(self.space[self.space.hub_key], "choices", ()):
-            key = ("hub", str(entry))
-            if key in self.snapshots:
-                continue
-            module = self._module_for(key, {self.space.hub_key: entry})
-            sha256 = self.hub.entry(str(entry)).sha256 if self.hub is not None and str(entry) in names else None
-            self.snapshots.put(key, module.state_dict(), description=module_description(module, sha256))
-
     # ------------------------------------------------------------------ the loop
     def run(self) -> TuneResult:
         """Run (or resume) the study until the budget is spent.
@@ -330,7 +297,8 @@ class FMSTuner:
         self.study.lock()
         try:
             self._restore()
-            self._store_pretrained_snapshots()
+            if self.snapshots is not None:  # W_0 of each entry, once, for the featurizer of this and later studies
+                self.modules.store_pretrained(self.hub)
             for observer in self.observers:
                 observer.on_study_start(self.ledger.view(self.optimizer))
             display = StudyProgress(self.optimizer.budget, enabled=self.progress)

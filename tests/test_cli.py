@@ -216,7 +216,7 @@ def test_every_documented_flag_spelling_still_works(command, at_least, capsys):
 
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    known = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+    known = set(re.findall(r"--[\w-]+(?:\.[\w-]+)*", capsys.readouterr().out))
     documented = documented_command_lines(f"lightning-fms {command}")
     assert len(documented) >= at_least
     required = {"tune": {"--config", "--study_dir"}, "agent": {"--study_dir"}, "bench": {"--out"},

@@ -19,6 +19,8 @@ from lightning_fms.cli import _parser
 from lightning_fms.errors import FMSError
 from lightning_fms.options import (
     FALLBACK_MODE,
+    OPTION_GROUPS,
+    RayOptions,
     StudyOptions,
     TunerOptions,
     add_option_flags,
@@ -80,15 +82,21 @@ def test_every_option_is_a_recipe_key_a_tune_flag_a_tuner_option_and_an_fmstuner
 
     argv = ["tune", "--config", "r.yaml", "--study_dir", "s"]
     for name in names:
-        argv += [f"--{name}", sample_text(StudyOptions, name)]
+        if name in OPTION_GROUPS:  # a group's options are flags of their own: --ray.workers 3
+            for sub in option_names(OPTION_GROUPS[name]):
+                argv += [f"--{name}.{sub}", sample_text(OPTION_GROUPS[name], sub)]
+        else:
+            argv += [f"--{name}", sample_text(StudyOptions, name)]
     given = flag_values(_parser("tune").parse_args(argv), names)
     assert set(given) == set(names)
+    assert set(given["ray"]) == set(option_names(RayOptions))
 
-    assert {f"--tuner.{name}" for name in names} <= tuner_group_options()
+    groups = {f"--tuner.{name}.{sub}" for name, group in OPTION_GROUPS.items() for sub in option_names(group)}
+    assert {f"--tuner.{name}" for name in names if name not in OPTION_GROUPS} | groups <= tuner_group_options()
 
     tuner_parameters = inspect.signature(FMSTuner).parameters
     assert set(tuner_arguments(StudyOptions())) <= set(tuner_parameters)
-    assert set(names) - set(tuner_arguments(StudyOptions())) == {"weights_attribute"}  # the executor's
+    assert set(names) - set(tuner_arguments(StudyOptions())) == {"weights_attribute", "ray"}  # the executor's
     for name in tuner_arguments(StudyOptions()):  # FMSTuner's defaults are the declaration's (read from it)
         default = tuner_parameters[name].default
         if name == "mode":
@@ -246,9 +254,15 @@ def test_recipe_overrides_go_to_their_section(tmp_path):
 
 def test_agent_flags_are_the_declared_options_it_takes(capsys):
     assert set(AGENT_OPTIONS) <= set(option_names())
-    assert [f.name for f in dataclasses.fields(AgentSettings)] == ["space_file", *AGENT_OPTIONS]
-    argv = ["agent", "--study_dir", "s", "--space", "space.yaml", "--budget", "7", "--searcher", "random"]
+    assert [f.name for f in dataclasses.fields(AgentSettings)] == ["space_file", "hub", *AGENT_OPTIONS]
+    # every study option but those an agent cannot take (frozen layers; the surrogate's device is the CPU; the
+    # epochs run in the user's command, not on Ray)
+    assert set(option_names()) - set(AGENT_OPTIONS) == {"frozen_layers", "device", "ray"}
+    argv = ["agent", "--study_dir", "s", "--space", "space.yaml", "--budget", "7", "--searcher", "random",
+            "--weights", "gmn", "--surrogate_options", "{full_fits: 2}"]  # fmt: skip
     settings = AgentSettings(space_file="space.yaml", **flag_values(_parser("agent").parse_args(argv), AGENT_OPTIONS))
-    assert settings == AgentSettings(space_file="space.yaml", budget=7, searcher="random")
+    assert settings == AgentSettings(
+        space_file="space.yaml", budget=7, searcher="random", weights="gmn", surrogate_options={"full_fits": 2}
+    )
     help_text = subcommand_help("agent", capsys)
-    assert all(f"--{name}" in help_text for name in AGENT_OPTIONS) and "--weights" not in help_text
+    assert all(f"--{name}" in help_text for name in ("hub", *AGENT_OPTIONS)) and "--frozen_layers" not in help_text

@@ -107,6 +107,36 @@ def test_agent_recipe_as_documented(tmp_path):
     assert all(t["error"] is None for t in results["trials"])
 
 
+def test_agent_hub_recipe_fits_together(hub, tmp_path, monkeypatch):
+    """recipes/agent's hub example: make_hub's hub builds the networks recipes/cli's script loads from the files,
+    and an agent creates the study of hub_space.yaml with it (summary features; each entry's W_0 kept)."""
+    from lightning_fms.agent import AgentSettings, StudyAgent
+    from lightning_fms.hub import ModelHub
+    from lightning_fms.testing.executors import assert_same_tensors
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # make_hub puts recipes/cli on it to import digits
+    monkeypatch.delitem(sys.modules, "digits", raising=False)
+    spec = importlib.util.spec_from_file_location("agent_make_hub", ROOT / "recipes" / "agent" / "make_hub.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    hub_file = recipe.make_hub(tmp_path / "hub", hub_dir=_hub_dir(hub))
+    from digits import load_backbone
+
+    agent_hub = ModelHub.from_yaml(hub_file)
+    assert agent_hub.names == ["mlp-s", "cnn-s", "resnet-xs"]
+    for entry in agent_hub:
+        assert_same_tensors(agent_hub.build(entry.name).state_dict(), load_backbone(str(entry.weights)).state_dict())
+    settings = AgentSettings(space_file=str(ROOT / "recipes/agent/hub_space.yaml"), hub=str(hub_file), budget=30,
+                             max_epochs_per_trial=10)  # fmt: skip
+    agent = StudyAgent(tmp_path / "s", [sys.executable, "recipes/cli/train.py"], settings)
+    agent.study.path.mkdir()
+    optimizer, ledger = agent._load()
+    assert optimizer.searcher.uses_weights and ledger.snapshots is not None and ledger.settings["weights"] == "auto"
+    kept = sorted(p.name for p in (tmp_path / "s" / "weights").iterdir())
+    assert kept == sorted(f"hub-{name}.safetensors" for name in agent_hub.names)
+    sys.modules.pop("digits", None)
+
+
 def _bench_surrogate(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_surrogate", ROOT / "recipes" / "bench_surrogate.py")
     recipe = importlib.util.module_from_spec(spec)

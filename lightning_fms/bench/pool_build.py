@@ -50,7 +50,8 @@ from lightning_fms.threads import torch_threads
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.training.quiet import quiet_lightning
-from lightning_fms.training.trainer import divergence, initial_seed, trainer_for
+from lightning_fms.training.seeder import initial_seed
+from lightning_fms.training.trainer import divergence, trainer_for
 
 
 def accuracy(module: nn.Module, dataloader: DataLoader) -> float:

@@ -116,10 +116,10 @@ def config_files(folder: Path, index: int) -> tuple[Path, Path]:
 class PoolWeights:
     """Rebuilds a pool's networks: a hub entry's architecture with the weights stored after an epoch.
 
-    The module returned is what the tuner's featurizers see (``FMSTuner._module_for``): the hub entry's
-    ``nn.Module`` (the ``weights_attribute`` submodule of the trained LightningModule, by default the hub
-    network ``net``), in eval mode with gradients off, on the CPU. Each entry's pretrained module is built
-    once and copied for every call.
+    The module returned is what the tuner's featurizers see (:class:`~lightning_fms.study.modules.StudyModules`):
+    the hub entry's ``nn.Module`` (the ``weights_attribute`` submodule of the trained LightningModule, by default
+    the hub network ``net``), in eval mode with gradients off, on the CPU. Each entry's pretrained module is
+    built once and copied for every call.
 
     Args:
         folder: The pool's folder.

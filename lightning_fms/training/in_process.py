@@ -31,7 +31,8 @@ from lightning_fms.search.space import SearchSpace
 from lightning_fms.training.callback import FMSCheckpointCallback
 from lightning_fms.training.executor import EpochJob, EpochOutcome
 from lightning_fms.training.quiet import quiet_lightning
-from lightning_fms.training.trainer import divergence, initial_seed, trainer_for
+from lightning_fms.training.seeder import initial_seed
+from lightning_fms.training.trainer import divergence, trainer_for
 from lightning_fms.training.trial_builder import (
     DEFAULT_EPOCHS_ARGUMENT,
     DEFAULT_HUB_ARGUMENT,

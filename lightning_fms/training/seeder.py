@@ -1,4 +1,9 @@
-"""TrialSeeder: the callback that makes a trial's epochs independent of where they run."""
+"""TrialSeeder: the callback that makes a trial's epochs independent of where they run, and a trial's seeds.
+
+A trial's epoch is numerically the same wherever it runs (the in-process executor, the user's own script under
+``lightning-fms agent``) when both seed the same way: the global generators with :func:`initial_seed` before the
+trial's module is built (its fresh layers), and a :class:`TrialSeeder` of :func:`trial_seed` in the Trainer.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,16 @@ from torch.utils.data import RandomSampler
 from typing_extensions import override
 
 from lightning_fms.search.seeds import derive_seed, seed_everything_quietly
+
+
+def initial_seed(seed: int, trial_id: int) -> int:
+    """The seed of the global generators when trial ``trial_id``'s module is built (its fresh layers)."""
+    return derive_seed(seed, "init", trial_id)
+
+
+def trial_seed(seed: int, trial_id: int) -> int:
+    """The seed of trial ``trial_id``'s :class:`TrialSeeder` in a study seeded with ``seed``."""
+    return derive_seed(seed, "trial", trial_id)
 
 
 class TrialSeeder(Callback):

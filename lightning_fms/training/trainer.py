@@ -21,9 +21,8 @@ from lightning_fms.errors import FMSError
 from lightning_fms.frozen.callback import FrozenUnits
 from lightning_fms.frozen.levels import units_for_fraction
 from lightning_fms.frozen.units import layer_units
-from lightning_fms.search.seeds import derive_seed
 from lightning_fms.training.callback import FMSCheckpointCallback
-from lightning_fms.training.seeder import TrialSeeder
+from lightning_fms.training.seeder import TrialSeeder, trial_seed
 
 #: ``Trainer`` arguments the tuner sets itself for every epoch; users cannot override them.
 TUNER_TRAINER_KEYS = (
@@ -49,11 +48,6 @@ def check_trainer_options(options: Mapping[str, Any]) -> None:
         raise FMSError(f"trainer option(s) {forced} are set by the tuner and cannot be given")
 
 
-def initial_seed(seed: int, trial_id: int) -> int:
-    """The seed of the global generators when trial ``trial_id``'s module is built (its fresh layers)."""
-    return derive_seed(seed, "init", trial_id)
-
-
 def trainer_for(
     module: pl.LightningModule,
     *,
@@ -70,7 +64,7 @@ def trainer_for(
     """The ``Trainer`` that fits trial ``trial_id`` up to epoch ``epochs``.
 
     Its callbacks are, in this order: the :class:`~lightning_fms.training.seeder.TrialSeeder` of the trial
-    (seeded from ``(seed, "trial", trial_id)``), ``checkpoint``, a
+    (seeded with :func:`~lightning_fms.training.seeder.trial_seed`), ``checkpoint``, a
     :class:`~lightning_fms.frozen.callback.FrozenUnits` training the last ``ceil(fraction * n)`` layer units
     when ``trainable_fraction`` is given, then ``callbacks``. Validation runs after every epoch, without
     sanity steps, progress bar, model summary or Lightning's own checkpointing.
@@ -92,7 +86,7 @@ def trainer_for(
     """
     options = dict(options or {})
     check_trainer_options(options)
-    tuner_callbacks: list[pl.Callback] = [TrialSeeder(derive_seed(seed, "trial", trial_id)), checkpoint]
+    tuner_callbacks: list[pl.Callback] = [TrialSeeder(trial_seed(seed, trial_id)), checkpoint]
     if trainable_fraction is not None:
         net = module.get_submodule(layer_attribute) if layer_attribute else module
         k = units_for_fraction(trainable_fraction, len(layer_units(net)))

@@ -1,4 +1,5 @@
-"""FMSCheckpointCallback with real Trainers: the value of the epoch just validated, weights, stopping, agent mode."""
+"""FMSCheckpointCallback with real Trainers: the value of the epoch just validated, weights, stopping, agent mode
+(its weights file, and its seeding: the user's epoch equals the in-process executor's)."""
 
 import json
 import math
@@ -6,18 +7,28 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.testing.executors import assert_same_tensors
 from lightning_fms.training.callback import (
+    AGENT_VARIABLES,
     ENV_CHECKPOINT,
     ENV_EPOCH,
     ENV_MONITOR,
     ENV_RESULT,
+    ENV_SEED,
     ENV_STUDY_DIR,
     ENV_TRIAL,
+    ENV_WEIGHTS,
+    ENV_WEIGHTS_ATTRIBUTE,
     FMSCheckpointCallback,
 )
+from lightning_fms.training.executor import EpochJob
+from lightning_fms.training.in_process import InProcessExecutor
+from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 
 class Regressor(pl.LightningModule):
@@ -122,7 +133,10 @@ def test_under_the_agent_it_takes_everything_from_the_environment_and_writes_che
         "value": 20.0,
         "error": None,
         "checkpoint": str(checkpoint),
+        "weights": None,  # the study reads no weights: none written
+        "weights_error": None,
     }
+    assert not list(tmp_path.glob("*.safetensors"))
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 2 and "net.weight" in saved["state_dict"]  # two epochs done: a resume runs the third
     assert not list(tmp_path.glob("*.tmp"))
@@ -135,3 +149,89 @@ def test_under_the_agent_a_missing_variable_is_named(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match=f"{ENV_RESULT}, {ENV_MONITOR} is not"):
         FMSCheckpointCallback()
+
+
+def agent_environment(monkeypatch, tmp_path, trial="7", epoch="2", monitor="score", **more):
+    """The variables ``lightning-fms agent`` sets (see CommandRunner.environment), for the callback in this process."""
+    values = {
+        ENV_STUDY_DIR: str(tmp_path),
+        ENV_TRIAL: trial,
+        ENV_EPOCH: epoch,
+        ENV_MONITOR: monitor,
+        ENV_RESULT: str(tmp_path / f"epoch-{epoch}.json"),
+        ENV_CHECKPOINT: str(tmp_path / f"epoch-{epoch}.ckpt"),
+        **more,
+    }
+    for name in AGENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def test_under_the_agent_it_writes_the_named_submodules_weights_as_safetensors(tmp_path, monkeypatch):
+    weights = tmp_path / "epoch-2.safetensors"
+    agent_environment(monkeypatch, tmp_path, **{ENV_WEIGHTS: str(weights), ENV_WEIGHTS_ATTRIBUTE: "net"})
+    callback = FMSCheckpointCallback(weights_attribute=None)  # the study decides: the agent's variables win
+    _, module = fit(callback, max_epochs=10)
+    result = json.loads((tmp_path / "epoch-2.json").read_text())
+    assert result["weights"] == str(weights) and result["weights_error"] is None
+    written = load_file(str(weights))  # tensors only, no pickle
+    assert set(written) == {"weight", "bias"}
+    assert torch.equal(written["weight"], module.net.weight.detach())  # the weights after epoch 2
+
+    # a submodule the module does not have is named, for the agent to stop on; nothing is written
+    weights.unlink()
+    agent_environment(monkeypatch, tmp_path, **{ENV_WEIGHTS: str(weights), ENV_WEIGHTS_ATTRIBUTE: "backbone"})
+    fit(FMSCheckpointCallback(), max_epochs=10)
+    result = json.loads((tmp_path / "epoch-2.json").read_text())
+    assert result["weights"] is None and not weights.exists()
+    assert "Regressor has no submodule 'backbone'" in result["weights_error"] and "net" in result["weights_error"]
+    assert "--weights_attribute" in result["weights_error"]
+
+
+def test_the_users_own_epoch_under_the_agent_is_the_in_process_executors_bit_for_bit(hub, tmp_path, monkeypatch):
+    """What makes an agent's study the tuner's: the callback seeds a plain script as the executor seeds a trial.
+
+    The "script" builds the callback first, then the module and the data itself, and fits with Lightning's
+    defaults (sanity validation steps included); epoch 1, then epoch 2 resumed from its checkpoint, equal the
+    in-process executor's bit for bit. Without the study's seed in the environment they do not.
+    """
+    space = SearchSpace.from_dict(
+        {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 1e-3, "high": 0.3},
+         "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}},  # dropout draws: the seeder must fix them
+        hub_entries=hub.names,
+    )  # fmt: skip
+    config = {"hub": "cnn-s", "model.lr": 0.05, "model.dropout": 0.3}
+    executor = InProcessExecutor.from_factories(
+        ImageClassifier, DigitsDataModule, space, hub, datamodule_options={"task": "target"},
+        trainer_options={"accelerator": "cpu"},
+    )  # fmt: skip
+    jobs, resume = [], None
+    for epoch in (1, 2):
+        job = EpochJob(trial_id=3, config=config, epoch=epoch, resume_from=resume, seed=11, monitor="val_acc", cap=4,
+                       checkpoint_out=tmp_path / f"tuner-{epoch}.ckpt", log_dir=tmp_path / "tuner")  # fmt: skip
+        assert executor.run_epoch(job).error is None
+        jobs.append(job)
+        resume = job.checkpoint_out
+
+    def script(epoch: int, resume: str | None, seed: str | None) -> dict:
+        more = {ENV_SEED: seed} if seed is not None else {}
+        values = agent_environment(monkeypatch, tmp_path / f"agent-{seed}", trial="3", epoch=str(epoch),
+                                   monitor="val_acc", **more)  # fmt: skip
+        callback = FMSCheckpointCallback()
+        module = ImageClassifier(hub.build("cnn-s"), lr=0.05, dropout=0.3, max_epochs=4)
+        trainer = pl.Trainer(max_epochs=4, callbacks=[callback], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+        trainer.fit(module, datamodule=DigitsDataModule(task="target"), ckpt_path=resume, weights_only=True)
+        assert trainer.current_epoch == epoch
+        return torch.load(values[ENV_CHECKPOINT], map_location="cpu", weights_only=True)
+
+    first = script(1, None, "11")
+    second = script(2, str(tmp_path / "agent-11" / "epoch-1.ckpt"), "11")
+    for job, saved in zip(jobs, (first, second), strict=True):
+        expected = torch.load(job.checkpoint_out, map_location="cpu", weights_only=True)
+        assert_same_tensors(saved["state_dict"], expected["state_dict"], f"epoch {job.epoch} state_dict")
+        assert_same_tensors(saved["optimizer_states"], expected["optimizer_states"], f"epoch {job.epoch} optimizer")
+    unseeded = script(1, None, None)
+    assert any(not torch.equal(v, unseeded["state_dict"][k]) for k, v in first["state_dict"].items())

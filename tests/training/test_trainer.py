@@ -13,8 +13,8 @@ from lightning_fms.frozen.callback import FrozenUnits
 from lightning_fms.frozen.units import layer_units
 from lightning_fms.search.seeds import derive_seed
 from lightning_fms.training.callback import FMSCheckpointCallback
-from lightning_fms.training.seeder import TrialSeeder
-from lightning_fms.training.trainer import TUNER_TRAINER_KEYS, divergence, initial_seed, trainer_for
+from lightning_fms.training.seeder import TrialSeeder, initial_seed
+from lightning_fms.training.trainer import TUNER_TRAINER_KEYS, divergence, trainer_for
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
 
 

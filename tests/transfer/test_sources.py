@@ -278,7 +278,7 @@ def test_a_study_read_with_weights_is_the_study_its_surrogate_saw(study, hub, ca
         assert rows.epoch[mine].tolist() == [1, 2] and rows.final_epoch[mine].tolist() == [2, 2]
         assert rows.final[mine].tolist() == [trial.values[1]] * 2
     specs, targets = training_specs(tuner.space, trials, "max")
-    surrogate_rows = encode_rows(tuner.space, specs, 3, modules=tuner._module_for)
+    surrogate_rows = encode_rows(tuner.space, specs, 3, modules=tuner.modules)
     assert len(rows) == len(specs)
     assert_rows_equal(rows, surrogate_rows, targets)
 
