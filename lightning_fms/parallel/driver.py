@@ -10,7 +10,8 @@ One driver process decides; the workers train. The loop, for a
 2. **wait** for epochs to end;
 3. **commit** each ended epoch through the study's ledger (the one commit path the in-process loop uses), or give
    it back when its worker was lost (the trial is paused again at its last committed checkpoint, or forgotten if it
-   had trained nothing; an epoch lost :data:`MAX_LOSSES` times is recorded as failed).
+   had trained nothing; an epoch lost :data:`MAX_LOSSES` times is recorded as failed). The epochs one wait returned
+   are committed as one batch, with one state save (:meth:`~lightning_fms.study.ledger.StudyLedger.batch`).
 
 Modes:
 
@@ -182,8 +183,9 @@ class ConcurrentDriver:
                 if not self.in_flight:
                     break
                 ended = self._collect()
-                for finished in sorted(ended, key=lambda f: self._decision_of(f)):
-                    self._settle(finished)
+                with self.tuner.ledger.batch(optimizer):  # one state save for the epochs that ended together
+                    for finished in sorted(ended, key=lambda f: self._decision_of(f)):
+                        self._settle(finished)
                 display.update(optimizer, self.tuner.best_label(), running=self.running_label())
         except BaseException:
             self._give_back_in_flight()

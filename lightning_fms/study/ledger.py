@@ -13,6 +13,9 @@ its checkpoint to :meth:`StudyLedger.checkpoint_path`, a new file per epoch, nev
    :attr:`StudyLedger.report_interval_s` seconds (every commit by default); the state itself is saved on every
    commit, and the reports are always rewritten at the end (``write_reports(final=True)``).
 
+Several epochs that end together may be committed as one batch (:meth:`StudyLedger.batch`): steps 1 for each,
+then steps 2 to 4 once.
+
 A kill before step 2 leaves the old state, whose checkpoints are all still on disk: on resume the epoch is
 trained again (with the same seed, identically). A kill between steps 2 and 3 leaves checkpoints that no
 state references; :meth:`StudyLedger.prune_orphans` deletes them when the study is resumed.
@@ -25,10 +28,11 @@ most ``paused trials + 1`` checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +120,8 @@ class StudyLedger:
         self.report_interval_s = None if report_interval_s is None else float(report_interval_s)
         self._reports_written: float | None = None  # time.monotonic() of the last rewrite
         self._readable_stale = False  # study.json behind state.pt
+        self._batch: set[int] | None = None  # inside batch(): the trials its commits touched
+        self._batch_saves = False  # inside batch(): a save is due at its end
 
     # ------------------------------------------------------------------ paths
     def checkpoint_path(self, trial_id: int, epoch: int) -> Path:
@@ -193,13 +199,44 @@ class StudyLedger:
                 self.checkpoints.pop(trial_id, None)
         for other in stopped:
             self.checkpoints.pop(other, None)
+        if self._batch is not None:  # the batch saves once, at its end
+            self._batch.update((trial_id, *stopped))
+            self._batch_saves = True
+            return stopped
+        self._save_and_prune(optimizer, (trial_id, *stopped))
+        return stopped
+
+    def _save_and_prune(self, optimizer: FreezeThawOptimizer, touched: Iterable[int]) -> None:
+        """Steps 2 to 4 of a commit: save the state, delete what it no longer references, rewrite the reports."""
         due = self._reports_due()
         self.save(optimizer, readable=due)
-        for touched in (trial_id, *stopped):
-            self._delete_unreferenced(touched)
+        for trial_id in touched:
+            self._delete_unreferenced(trial_id)
         if due:
             self.write_reports(optimizer)
-        return stopped
+
+    @contextlib.contextmanager
+    def batch(self, optimizer: FreezeThawOptimizer) -> Iterator[None]:
+        """Commit several epochs with one state save (a group commit), e.g. the epochs that ended together.
+
+        Inside the block, :meth:`commit` records each epoch (snapshot, ``best.ckpt``, the checkpoint reference, the
+        optimizer) and :meth:`save` only notes that a save is due; at the end the state is saved once, then the
+        checkpoints it no longer references are deleted and the reports are rewritten (when due). A kill inside the
+        block leaves the state of before it, whose checkpoints are all still there: its epochs are trained again.
+        The state's size grows with the study, so at several commits a second one save per batch instead of one per
+        epoch is what keeps the driver ahead of the workers (docs/ray.md, "Scale: the central decider").
+        """
+        if self._batch is not None:  # nested: the outer block saves
+            yield
+            return
+        self._batch, self._batch_saves = set(), False
+        try:
+            yield
+        finally:
+            touched, saves = self._batch, self._batch_saves
+            self._batch, self._batch_saves = None, False
+            if saves:
+                self._save_and_prune(optimizer, sorted(touched))
 
     def _reports_due(self) -> bool:
         """Whether this commit rewrites the reports (see :attr:`report_interval_s`)."""
@@ -267,6 +304,9 @@ class StudyLedger:
             readable: Also rewrite the readable ``study.json`` (else it is rewritten with the next reports);
                 ``None``: when the reports are due (always, with :attr:`report_interval_s` 0).
         """
+        if self._batch is not None:  # saved at the end of the batch
+            self._batch_saves = True
+            return
         readable = self._reports_due() if readable is None else readable
         self.study.save_state(self._full_state(optimizer), readable=readable)
         self._readable_stale = not readable
