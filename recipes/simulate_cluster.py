@@ -1,25 +1,31 @@
 """Simulated cluster: does the central decider keep 8, 64, 256 workers busy? (issue 13, item 7)
 
-Runs the real FMSTuner (the real searcher, optimizer, ledger and study directory) with a
-``SimulatedExecutor``: N workers on a virtual clock, epochs of lognormal duration (60 s median), values from
-seeded synthetic learning curves over a space like the benchmark's (a hub choice, learning rate, weight
-decay, momentum, dropout, batch size). With ``--hub tiny`` (the default) the hub is the tiny hub of
-``lightning_fms.testing`` (built once into the cache), so ``fms`` reads real modules' weights (summary
-featurizer, weights after an epoch drifted from ``W_0``); ``--hub none`` drops the hub choice and the weights.
+Runs the real FMSTuner (its searcher, optimizer, driver, ledger and study directory) with a
+``SimulatedExecutor``: N workers on a virtual clock, epochs of lognormal duration (60 s median, log-sd 0.3),
+values from seeded synthetic learning curves over a space like the benchmark's (a hub choice, learning rate,
+weight decay, momentum, dropout, batch size). With ``--hub tiny`` (the default) the hub is the tiny hub of
+``lightning_fms.testing`` (built once into the cache), so ``fms`` reads real modules' weights (the summary
+featurizer; the weights after an epoch are ``W_0`` drifted along a direction per configuration); ``--hub none``
+drops the hub choice and the weights.
 
-The driver's real time between executor calls goes on the virtual clock; the optimizer's ``claim``, the
-searcher's ``select``, and the ledger's ``commit``, ``save``, ``write_reports`` and the weight snapshots are
-timed in place (``DriverProfile``) to say where it goes::
+The driver's real time between executor calls goes on the virtual clock (a background fit's time too, while the
+driver waits); the optimizer's ``claim``, the searcher's scoring and fits, and the ledger's ``commit``, ``save``,
+``write_reports`` and weight snapshots are timed in place (``DriverProfile``) to say where it goes::
 
     python recipes/simulate_cluster.py --workers 8 64 256 --epochs 3000 --searchers fms dyhpo --json runs/sim.jsonl
 
-Each finished run appends one JSON line to ``--json`` (a killed table keeps the rows it finished; rows already
-in the file are skipped, so the same command continues it) and the table is printed at the end.
+Ablations (to measure what a remedy buys): ``--refit inline`` (every decision refits, no background fits),
+``--report_interval 0`` (reports rewritten on every commit), ``--no_group_commit`` (one state save per commit),
+``--no_posterior_cache`` (decisions with the current fit score every candidate again).
+
+Each finished run appends one JSON line to ``--json`` (rows already in the file are skipped, so the same command
+continues a killed table) and the table of every row asked for is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,23 +54,26 @@ SPACE = {
     "data.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
 }
 
-#: (label, object path on the tuner, method): what the profile times. A label's time is its calls' own time,
-#: without the timed calls they make (``decide`` is a claim's own work: candidates, the searcher's state).
+#: (label, object path on the tuner, method, group): what the profile times. A label's time is its calls' own time,
+#: without the timed calls they make (``decide`` is a claim's own work beyond the labels below it).
 TIMED = (
-    ("decide", "optimizer", "claim"),
-    ("candidates", "optimizer", "candidates"),
-    ("searcher state", "optimizer.searcher", "state_dict"),
-    ("encode rows", "optimizer.searcher", "_encode"),
-    ("fit and score", "optimizer.searcher", "select"),
-    ("score with the current fit", "optimizer.searcher", "select_with_current_fit"),
-    ("fit plan", "optimizer.searcher", "fit_plan"),
-    ("background fit", "optimizer.searcher", "fit_surrogate"),
-    ("give back", "optimizer", "release"),
-    ("commit", "ledger", "commit"),
-    ("weight snapshot", "snapshots", "put"),
-    ("state save", "ledger", "save"),
-    ("reports", "ledger", "write_reports"),
+    ("decide", "optimizer", "claim", "decide"),
+    ("candidates", "optimizer", "candidates", "decide"),
+    ("searcher state", "optimizer.searcher", "state_dict", "decide"),
+    ("encode rows", "optimizer.searcher", "_encode", "decide"),
+    ("fit and score", "optimizer.searcher", "select", "decide"),
+    ("score with the current fit", "optimizer.searcher", "select_with_current_fit", "decide"),
+    ("fit plan", "optimizer.searcher", "fit_plan", "decide"),
+    ("background fit", "optimizer.searcher", "fit_surrogate", "background"),
+    ("give back", "optimizer", "release", "commit"),
+    ("commit", "ledger", "commit", "commit"),
+    ("weight snapshot", "snapshots", "put", "commit"),
+    ("state save", "ledger", "save", "state save"),
+    ("state save: build", "optimizer", "state_dict", "state save"),
+    ("state save: write", "study", "save_state", "state save"),
+    ("reports", "ledger", "write_reports", "reports"),
 )
+GROUPS = ("decide", "commit", "state save", "reports")
 
 
 def _attribute(root: object, path: str) -> object | None:
@@ -98,6 +107,9 @@ def build_tuner(args: argparse.Namespace, searcher: str, workers: int, study_dir
         mode=args.mode,
         refit=args.refit,
     )
+    options: dict[str, Any] = {}
+    if args.max_surrogate_rows is not None:
+        options["max_surrogate_rows"] = None if args.max_surrogate_rows == 0 else args.max_surrogate_rows
     tuner = FMSTuner(
         space=space,
         study_dir=study_dir,
@@ -111,7 +123,7 @@ def build_tuner(args: argparse.Namespace, searcher: str, workers: int, study_dir
         device="cpu",
         progress=False,
         executor=executor,
-        **_tuner_options(args),
+        **options,
     )
     return tuner, executor
 
@@ -122,11 +134,31 @@ def _hub(path: str) -> Any:
     return ModelHub.from_yaml(path)
 
 
-def _tuner_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if args.max_surrogate_rows is not None:
-        options["max_surrogate_rows"] = None if args.max_surrogate_rows == 0 else args.max_surrogate_rows
-    return options
+class _NoPosteriorCache:
+    """Ablation: every decision with the current fit scores all its candidates again."""
+
+    def posterior(self, surrogate: object, candidates: Sequence[Any], compute: Any) -> Any:
+        return compute(list(range(len(candidates))))
+
+    def clear(self) -> None:
+        pass
+
+
+def _ablate(args: argparse.Namespace, tuner: FMSTuner) -> None:
+    """Switch off the remedies the flags name (instance attributes of this run's objects only)."""
+    if args.report_interval is not None:
+        tuner.ledger.report_interval_s = args.report_interval
+    if args.no_group_commit:
+        tuner.ledger.batch = lambda optimizer: contextlib.nullcontext()  # type: ignore[method-assign]
+    if args.no_posterior_cache and hasattr(tuner.optimizer.searcher, "_posteriors"):
+        tuner.optimizer.searcher._posteriors = _NoPosteriorCache()
+
+
+def variant(args: argparse.Namespace) -> str:
+    """The run's settings beside searcher and workers, as one label."""
+    parts = [f"refit {args.refit}", f"reports {'driver' if args.report_interval is None else args.report_interval}"]
+    parts += ["no group commit"] * args.no_group_commit + ["no posterior cache"] * args.no_posterior_cache
+    return ", ".join(parts) + ("" if args.mode == "async" else f", {args.mode}")
 
 
 def run_one(args: argparse.Namespace, searcher: str, workers: int) -> dict[str, Any]:
@@ -134,10 +166,9 @@ def run_one(args: argparse.Namespace, searcher: str, workers: int) -> dict[str, 
     study_dir = Path(tempfile.mkdtemp(prefix=f"sim-{searcher}-{workers}-", dir=args.scratch))
     try:
         tuner, executor = build_tuner(args, searcher, workers, study_dir)
-        if args.report_interval is not None:
-            tuner.ledger.report_interval_s = args.report_interval
+        _ablate(args, tuner)
         profile = DriverProfile()
-        for label, path, method in TIMED:
+        for label, path, method, _ in TIMED:
             target = _attribute(tuner, path)
             if target is not None:  # a claim that found nothing to claim takes time but is no decision
                 profile.wrap(target, method, label, count=(lambda s: s is not None) if label == "decide" else None)
@@ -146,39 +177,47 @@ def run_one(args: argparse.Namespace, searcher: str, workers: int) -> dict[str, 
         executor.close()
         real_s = time.perf_counter() - started
         stats = executor.stats()
-        optimizer = tuner.optimizer
-        epochs = [(d["trial"], d["epoch"]) for d in optimizer.decisions]
-        assert optimizer.epochs_spent == args.epochs == len(epochs) == len(set(epochs)), "budget or duplicates"
+        decisions = tuner.optimizer.decisions
+        trained = [(d["trial"], d["epoch"]) for d in decisions]
+        assert tuner.optimizer.epochs_spent == args.epochs == len(trained) == len(set(trained)), "budget or twice"
         assert not executor.duplicates, executor.duplicates
-        decisions = optimizer.decisions
-        row = {
+        scored = [d for d in decisions if "acquisition" in d]
+        groups = {g: 0.0 for g in GROUPS}
+        for label, _, _, group in TIMED:
+            if group in groups:
+                groups[group] += profile.seconds[label]
+        return {
             "searcher": searcher,
             "hub": args.hub,
-            "refit": args.refit,
-            "report_interval_s": tuner.ledger.report_interval_s,
+            "variant": variant(args),
             "workers": workers,
             "epochs": stats.epochs,
-            "trials": len(optimizer.trials),
+            "trials": len(tuner.optimizer.trials),
+            "best": tuner.optimizer.best().value,
             "makespan_s": stats.makespan_s,
             "utilisation": stats.utilisation,
             "ceiling": executor.ceiling(),
             "decisions_per_s": stats.decisions_per_s,
             "needed_per_s": workers / args.median,
             "mean_decision_s": profile.inclusive["decide"] / max(1, profile.calls["decide"]),
-            "mean_commit_s": profile.inclusive["commit"] / max(1, profile.calls["commit"]),
             "late_decision_s": _late_mean(profile, "decide"),
+            "mean_commit_s": profile.inclusive["commit"] / max(1, profile.calls["commit"]),
             "late_commit_s": _late_mean(profile, "commit"),
+            "state_saves": profile.calls["state save: write"],
+            "mean_state_save_s": profile.mean("state save: write") + profile.mean("state save: build"),
+            "late_state_save_s": _late_mean(profile, "state save: write") + _late_mean(profile, "state save: build"),
             "inline_fits": sum(1 for d in decisions if d.get("surrogate_s", 0.0) > 0 and "current_fit" not in d),
             "current_fit_decisions": sum(1 for d in decisions if "current_fit" in d),
+            "zero_acquisition": sum(1 for d in scored if d["acquisition"] <= 0.0) / max(1, len(scored)),
             "background_fits": profile.background_calls["background fit"],
             "background_fit_s": profile.background["background fit"],
             "driver_s": stats.driver_s,
             "followed_s": stats.followed_s,
+            "groups_s": {**groups, "other": stats.driver_s - sum(groups.values())},
             "split_s": {k: round(v, 3) for k, v in sorted(profile.seconds.items())},
-            "other_s": stats.driver_s - profile.total,
+            "calls": dict(sorted(profile.calls.items())),
             "real_s": real_s,
         }
-        return row
     finally:
         if not args.keep:
             shutil.rmtree(study_dir, ignore_errors=True)
@@ -191,27 +230,27 @@ def _late_mean(profile: DriverProfile, label: str) -> float:
     return sum(late) / len(late) if late else 0.0
 
 
-def split_line(row: dict[str, Any]) -> str:
-    """Where the driver's time went, as shares of its total."""
+def shares(row: dict[str, Any]) -> str:
+    """Where the driver's time went: its busy share of the makespan, then each group's share of the driver's time."""
     total = row["driver_s"] or 1.0
-    parts = {**row["split_s"], "other": row["other_s"]}
-    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
+    parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in row["groups_s"].items())
+    return f"busy {100 * row['driver_s'] / row['makespan_s']:.0f}%: {parts}"
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     print(
-        "| searcher | workers | epochs | makespan (s) | utilisation | ceiling | decisions/s (needed) "
-        "| decision (s), mean / last quarter | commit (s), mean / last quarter | fits inline / background "
-        "| where the driver's time goes |"
+        "| searcher | variant | workers | epochs | makespan (s) | utilisation | ceiling | decisions/s (needed) "
+        "| decision (s), mean / last quarter | commit (s) | state save (s), mean / last quarter (saves) "
+        "| driver's time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['searcher']} | {r['workers']} | {r['epochs']} | {r['makespan_s']:.0f} "
-            f"| {100 * r['utilisation']:.1f}% "
-            f"| {100 * r['ceiling']:.1f}% | {r['decisions_per_s']:.2f} ({r['needed_per_s']:.2f}) "
-            f"| {r['mean_decision_s']:.3f} / {r['late_decision_s']:.3f} | {r['mean_commit_s']:.3f} / "
-            f"{r['late_commit_s']:.3f} | {r['inline_fits']} / {r['background_fits']} | {split_line(r)} |"
+            f"| {r['searcher']} | {r['variant']} | {r['workers']} | {r['epochs']} | {r['makespan_s']:.0f} "
+            f"| {100 * r['utilisation']:.1f}% | {100 * r['ceiling']:.1f}% "
+            f"| {r['decisions_per_s']:.2f} ({r['needed_per_s']:.2f}) "
+            f"| {r['mean_decision_s']:.3f} / {r['late_decision_s']:.3f} | {r['mean_commit_s']:.3f} "
+            f"| {r['mean_state_save_s']:.3f} / {r['late_state_save_s']:.3f} ({r['state_saves']}) | {shares(r)} |"
         )
 
 
@@ -230,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--report_interval", type=float, default=None, help="seconds between report rewrites (default: the driver's)"
     )
+    parser.add_argument("--no_group_commit", action="store_true", help="ablation: one state save per commit")
+    parser.add_argument("--no_posterior_cache", action="store_true", help="ablation: score every candidate again")
     parser.add_argument("--max_surrogate_rows", type=int, default=None, help="0: no cap (default: the library's)")
     parser.add_argument("--json", type=Path, default=None, help="append each finished run here; skip runs in it")
     parser.add_argument("--scratch", default=None, help="where the study directories go (default: a temp dir)")
@@ -249,18 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for searcher in args.searchers:
         for workers in args.workers:
-            key = {
-                "searcher": searcher,
-                "hub": args.hub,
-                "workers": workers,
-                "refit": args.refit,
-                "report_interval_s": args.report_interval,
-            }
+            key = {"searcher": searcher, "hub": args.hub, "workers": workers, "variant": variant(args)}
             previous = [r for r in done if all(r.get(k) == v for k, v in key.items()) and r["epochs"] == args.epochs]
             if previous:
                 rows.append(previous[-1])
                 continue
             row = run_one(args, searcher, workers)
+            row["finished"] = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
             row["load_after"] = os.getloadavg()[0]
             rows.append(row)
             print(json.dumps(row), flush=True)
