@@ -254,7 +254,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--searchers", nargs="+", default=["fms", "dyhpo"])
@@ -276,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scratch", default=None, help="where the study directories go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the study directories")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     done: list[dict[str, Any]] = []
     if args.json is not None and args.json.exists():
