@@ -238,17 +238,19 @@ def shares(row: dict[str, Any]) -> str:
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    """The rows as a markdown table; capacity is epochs per second of the driver's own time."""
     print(
         "| searcher | variant | workers | epochs | makespan (s) | utilisation | ceiling | decisions/s (needed) "
+        "| capacity (/s) "
         "| decision (s), mean / last quarter | commit (s) | state save (s), mean / last quarter (saves) "
         "| driver's time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['searcher']} | {r['variant']} | {r['workers']} | {r['epochs']} | {r['makespan_s']:.0f} "
             f"| {100 * r['utilisation']:.1f}% | {100 * r['ceiling']:.1f}% "
-            f"| {r['decisions_per_s']:.2f} ({r['needed_per_s']:.2f}) "
+            f"| {r['decisions_per_s']:.2f} ({r['needed_per_s']:.2f}) | {r['epochs'] / r['driver_s']:.1f} "
             f"| {r['mean_decision_s']:.3f} / {r['late_decision_s']:.3f} | {r['mean_commit_s']:.3f} "
             f"| {r['mean_state_save_s']:.3f} / {r['late_state_save_s']:.3f} ({r['state_saves']}) | {shares(r)} |"
         )

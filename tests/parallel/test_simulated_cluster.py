@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_fms import FMSTuner, SearchSpace
 from lightning_fms.parallel.simulation import EpochTimes, SimulatedExecutor
-from lightning_fms.parallel.synthetic import SyntheticCurves
+from lightning_fms.parallel.synthetic import SyntheticCurves, TabulatedCurves
+from lightning_fms.search.trial import config_key
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -110,3 +112,43 @@ def test_the_recipe_times_what_it_names_and_prints_its_table(monkeypatch, tmp_pa
     row = json.loads((tmp_path / "t.jsonl").read_text())
     assert row["epochs"] == 12 and 0 < row["utilisation"] <= row["ceiling"] + 1e-9
     assert "| fms | refit auto, reports driver | 4 | 12 |" in out
+
+
+def test_a_benchmark_pools_tabulated_curves_and_weights_drive_the_simulation(make_recipe, hub, tmp_path):
+    """TabulatedCurves over a real tiny pool: values and weights are the ones its real training left."""
+    from lightning_fms.bench.pool import load_pool
+    from lightning_fms.bench.task import BenchTask
+    from lightning_fms.testing.pools import build_tiny_pools
+
+    data = make_recipe(max_epochs_per_trial=3)
+    data["data"]["init_args"]["test_fraction"] = 0.25
+    paths = build_tiny_pools({"tiny": {**data, "pool": {"size": 4, "epochs": 3, "seed": 0}}}, tmp_path, tmp_path)
+    pool = load_pool(BenchTask.from_file(paths["tiny"]), cache_dir=tmp_path, build=False)
+    curves = TabulatedCurves.from_pool(pool)
+    executor = SimulatedExecutor(
+        2, curves, seed=0, monitor="val_acc", cap=3, modules=pool.load_hub_module, hub_key=pool.space.hub_key
+    )
+    tuner = FMSTuner(
+        executor=executor,
+        space=pool.space,
+        hub=hub,
+        study_dir=tmp_path / "s",
+        budget=8,
+        monitor="val_acc",
+        max_epochs_per_trial=3,
+        num_startup_trials=2,
+        surrogate_options=FITS,
+        progress=False,
+    )
+    tuner.optimizer.configurations = pool.configs  # the study chooses among the table's configurations
+    tuner.run()
+    executor.close()
+    assert tuner.optimizer.epochs_spent == 8 and executor.duplicates == []
+    index = {config_key(c): i for i, c in enumerate(pool.configs)}
+    for trial in tuner.optimizer.trials.values():
+        row = index[config_key(trial.config)]
+        assert trial.values == [float(pool.val[row, k]) for k in range(trial.epochs)]
+    trial = next(t for t in tuner.optimizer.trials.values() if t.epochs)
+    snapshot = tuner.snapshots.get(("trial", trial.id, trial.epochs))
+    real = pool.load_module(index[config_key(trial.config)], trial.epochs).state_dict()
+    assert snapshot.keys() == real.keys() and all(torch.equal(snapshot[k], real[k]) for k in real)
