@@ -10,7 +10,8 @@ One driver process decides; the workers train. The loop, for a
 2. **wait** for epochs to end;
 3. **commit** each ended epoch through the study's ledger (the one commit path the in-process loop uses), or give
    it back when its worker was lost (the trial is paused again at its last committed checkpoint, or forgotten if it
-   had trained nothing; an epoch lost :data:`MAX_LOSSES` times is recorded as failed).
+   had trained nothing; an epoch lost :data:`MAX_LOSSES` times is recorded as failed). The epochs one wait returned
+   are committed as one batch, with one state save (:meth:`~lightning_fms.study.ledger.StudyLedger.batch`).
 
 Modes:
 
@@ -58,6 +59,7 @@ __all__ = [
     "DRIVER_MODES",
     "MAX_LOSSES",
     "REFIT_POLICIES",
+    "REPORT_INTERVAL_S",
     "ConcurrentDriver",
     "StudyLoop",
     "check_driver_settings",
@@ -72,6 +74,10 @@ DRIVER_MODES: tuple[str, ...] = ("async", "sync")
 REFIT_POLICIES: tuple[str, ...] = ("auto", "background", "inline")
 #: An epoch whose worker was lost this many times is recorded as failed rather than given back again.
 MAX_LOSSES = 3
+#: With several workers the ledger rewrites the reports (trajectory.csv, results.json, study.json) at most every
+#: this many seconds, unless it was given an interval; the state is still saved on every commit. Their cost grows
+#: with the study and was the driver's largest at 256 simulated workers (docs/ray.md, "Scale: the central decider").
+REPORT_INTERVAL_S = 10.0
 
 
 def check_driver_settings(mode: str, refit: str) -> None:
@@ -164,6 +170,9 @@ class ConcurrentDriver:
             FMSError: a set-up problem (raised by a worker); every epoch in flight is given back first.
         """
         optimizer = self.tuner.optimizer
+        ledger = self.tuner.ledger
+        if self.executor.workers > 1 and ledger.report_interval_s is None:
+            ledger.report_interval_s = REPORT_INTERVAL_S
         self.executor.start()
         try:
             while True:
@@ -174,8 +183,9 @@ class ConcurrentDriver:
                 if not self.in_flight:
                     break
                 ended = self._collect()
-                for finished in sorted(ended, key=lambda f: self._decision_of(f)):
-                    self._settle(finished)
+                with self.tuner.ledger.batch(optimizer):  # one state save for the epochs that ended together
+                    for finished in sorted(ended, key=lambda f: self._decision_of(f)):
+                        self._settle(finished)
                 display.update(optimizer, self.tuner.best_label(), running=self.running_label())
         except BaseException:
             self._give_back_in_flight()

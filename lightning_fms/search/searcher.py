@@ -22,6 +22,7 @@ import torch
 
 from lightning_fms.errors import FMSError
 from lightning_fms.search.pending import DEFAULT_FANTASIES, DEFAULT_PENDING, check_pending, pending_targets
+from lightning_fms.search.posterior_cache import PosteriorCache
 from lightning_fms.search.promotion import promotion_index
 from lightning_fms.search.row_cap import DEFAULT_MAX_ROWS, cap_rows
 from lightning_fms.search.rows import Candidate, ModuleProvider, RowSpec, candidate_specs, encode_rows, training_specs
@@ -171,6 +172,7 @@ class SurrogateSearcher(Searcher):
         self.prior_fingerprint = prior_fingerprint
         self.pending = pending
         self.fantasies = int(fantasies)
+        self._posteriors = PosteriorCache()  # decisions with the current fit score each candidate row once
 
     def _encode(self, context: SelectionContext, specs: Sequence[RowSpec]) -> Any:
         """Encode rows for the surrogate (hub columns zeroed when the hub is hidden)."""
@@ -243,6 +245,7 @@ class SurrogateSearcher(Searcher):
     def adopt(self, surrogate: Surrogate) -> None:
         """Decide with ``surrogate`` from now on (one returned by :meth:`fitted_copy`)."""
         self.surrogate = surrogate
+        self._posteriors.clear()
 
     def _select(self, context: SelectionContext, candidates: Sequence[Candidate], seed: int, refit: bool) -> Selection:
         specs, targets = training_specs(context.space, list(context.trials.values()), context.mode)
@@ -257,17 +260,26 @@ class SurrogateSearcher(Searcher):
                 return Selection(index=promoted, info={"surrogate_s": 0.0, "promotion": 1.0})
         two_d = context.frozen_layers
         start = time.perf_counter()
+
+        def score(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = [candidates[i] for i in positions]
+            rows = self._encode(context, candidate_specs(context.space, chosen, context.trials, context.mode))
+            return self.surrogate.posterior(rows)
+
         plan = self.fit_plan(context, seed) if refit else None
         posteriors = []
         with torch_threads(self.cpu_threads):
-            cand_rows = None
-            for targets_k, seed_k in zip(plan.targets, plan.seeds) if plan is not None else [(None, None)]:
-                if plan is not None:
+            if plan is None:  # the current fit: only the candidates it has not scored yet
+                posteriors.append(self._posteriors.posterior(self.surrogate, candidates, score))
+            else:
+                self._posteriors.clear()
+                cand_rows = None
+                for targets_k, seed_k in zip(plan.targets, plan.seeds, strict=True):
                     self.surrogate.fit(plan.rows, targets_k, seed_k)
-                if cand_rows is None:
-                    cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
-                    cand_rows = self._encode(context, cand_specs)
-                posteriors.append(self.surrogate.posterior(cand_rows))
+                    if cand_rows is None:
+                        cand_specs = candidate_specs(context.space, candidates, context.trials, context.mode)
+                        cand_rows = self._encode(context, cand_specs)
+                    posteriors.append(self.surrogate.posterior(cand_rows))
         incumbents = budget_incumbents(
             torch.tensor([_fidelity_id(s.epoch, s.fraction, two_d) for s in specs], dtype=torch.long),
             torch.tensor(targets, dtype=torch.float64),
@@ -309,6 +321,7 @@ class SurrogateSearcher(Searcher):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the surrogate's state."""
+        self._posteriors.clear()
         if "surrogate" in state:
             self.surrogate.load_state_dict(state["surrogate"])
 

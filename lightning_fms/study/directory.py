@@ -126,10 +126,20 @@ class StudyDirectory:
         self.unlock()
 
     # ------------------------------------------------------------------ state
-    def save_state(self, state: dict[str, Any]) -> None:
-        """Persist ``state`` atomically (plus a readable ``study.json``)."""
+    def save_state(self, state: dict[str, Any], readable: bool = True) -> None:
+        """Persist ``state`` atomically, plus the readable ``study.json`` unless ``readable`` is false.
+
+        ``study.json`` is informational; writing it costs more than ``state.pt`` itself (JSON of every decision),
+        so a caller that saves many times a second may write it less often (see
+        :attr:`~lightning_fms.study.ledger.StudyLedger.report_interval_s`).
+        """
         with atomic_output(self.path / self.STATE_FILE) as tmp:
             torch.save(state, tmp)
+        if readable:
+            self.save_readable(state)
+
+    def save_readable(self, state: dict[str, Any]) -> None:
+        """Rewrite ``study.json``, the readable copy of ``state`` (settings, trials, decisions, epochs, tuner)."""
         readable = {k: v for k, v in state.items() if k in ("settings", "trials", "decisions", "epochs_spent", "tuner")}
         atomic_write_text(self.path / "study.json", json.dumps(readable, indent=1, default=str))
 

@@ -9,7 +9,12 @@ its checkpoint to :meth:`StudyLedger.checkpoint_path`, a new file per epoch, nev
    beats the best so far, and references the checkpoint (path and sha256);
 2. saves the study state, which now references the new checkpoint, atomically;
 3. deletes the checkpoints the saved state no longer references;
-4. rewrites ``trajectory.csv`` and ``results.json``.
+4. rewrites ``trajectory.csv`` and ``results.json`` (and the state's readable copy ``study.json``), at most every
+   :attr:`StudyLedger.report_interval_s` seconds (every commit by default); the state itself is saved on every
+   commit, and the reports are always rewritten at the end (``write_reports(final=True)``).
+
+Several epochs that end together may be committed as one batch (:meth:`StudyLedger.batch`): steps 1 for each,
+then steps 2 to 4 once.
 
 A kill before step 2 leaves the old state, whose checkpoints are all still on disk: on resume the epoch is
 trained again (with the same seed, identically). A kill between steps 2 and 3 leaves checkpoints that no
@@ -23,9 +28,11 @@ most ``paused trials + 1`` checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +87,11 @@ class StudyLedger:
         families: Hub entry → architecture family, for the reports (empty without a hub).
         snapshots: Where the weights after each successful epoch are kept when the study records weights
             (``None``: it does not).
+        report_interval_s: A commit rewrites the reports (``trajectory.csv``, ``results.json``, ``study.json``)
+            only when this many seconds have passed since they were last written (``0``: every commit). Their
+            cost grows with the study (they hold every epoch), so a driver that commits several epochs a second
+            writes them every few seconds instead; between rewrites they lag the state by at most this long.
+            ``None`` (the default): every commit, unless the driver of a concurrent executor sets an interval.
     """
 
     def __init__(
@@ -92,7 +104,10 @@ class StudyLedger:
         settings: Mapping[str, Any] | None = None,
         families: Mapping[str, str] | None = None,
         snapshots: WeightSnapshots | None = None,
+        report_interval_s: float | None = None,
     ) -> None:
+        if report_interval_s is not None and not (math.isfinite(report_interval_s) and report_interval_s >= 0):
+            raise ValueError(f"report_interval_s must be a finite number >= 0 or None, got {report_interval_s!r}")
         self.study = study
         self.monitor = monitor
         self.mode = mode
@@ -102,6 +117,11 @@ class StudyLedger:
         self.snapshots = snapshots
         self.checkpoints: dict[int, CheckpointRef] = {}
         self.best: BestEpoch | None = None
+        self.report_interval_s = None if report_interval_s is None else float(report_interval_s)
+        self._reports_written: float | None = None  # time.monotonic() of the last rewrite
+        self._readable_stale = False  # study.json behind state.pt
+        self._batch: set[int] | None = None  # inside batch(): the trials its commits touched
+        self._batch_saves = False  # inside batch(): a save is due at its end
 
     # ------------------------------------------------------------------ paths
     def checkpoint_path(self, trial_id: int, epoch: int) -> Path:
@@ -179,11 +199,50 @@ class StudyLedger:
                 self.checkpoints.pop(trial_id, None)
         for other in stopped:
             self.checkpoints.pop(other, None)
-        self.save(optimizer)
-        for touched in (trial_id, *stopped):
-            self._delete_unreferenced(touched)
-        self.write_reports(optimizer)
+        if self._batch is not None:  # the batch saves once, at its end
+            self._batch.update((trial_id, *stopped))
+            self._batch_saves = True
+            return stopped
+        self._save_and_prune(optimizer, (trial_id, *stopped))
         return stopped
+
+    def _save_and_prune(self, optimizer: FreezeThawOptimizer, touched: Iterable[int]) -> None:
+        """Steps 2 to 4 of a commit: save the state, delete what it no longer references, rewrite the reports."""
+        due = self._reports_due()
+        self.save(optimizer, readable=due)
+        for trial_id in touched:
+            self._delete_unreferenced(trial_id)
+        if due:
+            self.write_reports(optimizer)
+
+    @contextlib.contextmanager
+    def batch(self, optimizer: FreezeThawOptimizer) -> Iterator[None]:
+        """Commit several epochs with one state save (a group commit), e.g. the epochs that ended together.
+
+        Inside the block, :meth:`commit` records each epoch (snapshot, ``best.ckpt``, the checkpoint reference, the
+        optimizer) and :meth:`save` only notes that a save is due; at the end the state is saved once, then the
+        checkpoints it no longer references are deleted and the reports are rewritten (when due). A kill inside the
+        block leaves the state of before it, whose checkpoints are all still there: its epochs are trained again.
+        The state's size grows with the study, so at several commits a second one save per batch instead of one per
+        epoch is what keeps the driver ahead of the workers (docs/ray.md, "Scale: the central decider").
+        """
+        if self._batch is not None:  # nested: the outer block saves
+            yield
+            return
+        self._batch, self._batch_saves = set(), False
+        try:
+            yield
+        finally:
+            touched, saves = self._batch, self._batch_saves
+            self._batch, self._batch_saves = None, False
+            if saves:
+                self._save_and_prune(optimizer, sorted(touched))
+
+    def _reports_due(self) -> bool:
+        """Whether this commit rewrites the reports (see :attr:`report_interval_s`)."""
+        if not self.report_interval_s or self._reports_written is None:
+            return True
+        return time.monotonic() - self._reports_written >= self.report_interval_s
 
     def _keep_if_best(self, checkpoint: Path, trial_id: int, epoch: int, value: float) -> None:
         """Copy ``checkpoint`` to ``best.ckpt`` when ``value`` beats the best so far."""
@@ -237,14 +296,35 @@ class StudyLedger:
         best = state.get("best")
         self.best = None if best is None else BestEpoch(int(best["trial"]), int(best["epoch"]), float(best["value"]))
 
-    def save(self, optimizer: FreezeThawOptimizer) -> None:
-        """Save the study state: the optimizer's, with the ledger's part under :attr:`section`."""
+    def save(self, optimizer: FreezeThawOptimizer, readable: bool | None = None) -> None:
+        """Save the study state: the optimizer's, with the ledger's part under :attr:`section`.
+
+        Args:
+            optimizer: The study's optimizer.
+            readable: Also rewrite the readable ``study.json`` (else it is rewritten with the next reports);
+                ``None``: when the reports are due (always, with :attr:`report_interval_s` 0).
+        """
+        if self._batch is not None:  # saved at the end of the batch
+            self._batch_saves = True
+            return
+        readable = self._reports_due() if readable is None else readable
+        self.study.save_state(self._full_state(optimizer), readable=readable)
+        self._readable_stale = not readable
+
+    def _full_state(self, optimizer: FreezeThawOptimizer) -> dict[str, Any]:
         state = optimizer.state_dict()
         state[self.section] = self.state_dict()
-        self.study.save_state(state)
+        return state
 
     def write_reports(self, optimizer: FreezeThawOptimizer, final: bool = False) -> None:
-        """Rewrite ``trajectory.csv`` and ``results.json`` (and ``regret.png`` when ``final``)."""
+        """Rewrite ``trajectory.csv`` and ``results.json`` (and ``regret.png`` when ``final``).
+
+        ``study.json`` is rewritten too when a throttled commit left it behind the state.
+        """
+        if self._readable_stale:
+            self.study.save_readable(self._full_state(optimizer))
+            self._readable_stale = False
+        self._reports_written = time.monotonic()
         write_trajectory(self.study.path / "trajectory.csv", optimizer, self.families)
         write_results(
             self.study.path / "results.json",
