@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 STUDY_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench-surrogate bench bench-quick clean
+.PHONY: install demo test test-slow test-all lint bench-surrogate bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -26,11 +26,15 @@ demo: $(STAMP)
 	$(PY) recipes/build_demo_hub.py
 	$(VENV)/bin/lightning-fms tune --config recipes/demo.yaml --study_dir $(STUDY_DIR) --seed 0 --budget 100
 
+# the suite less the tests marked slow (under 10 minutes on 2 cores, the Ray tests included); CI runs both
 test: $(STAMP)
-	$(PY) -m pytest -q
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_fms tests recipes

@@ -109,6 +109,7 @@ def check_state(study: Path, budget: int = 6) -> dict:
     return state
 
 
+@pytest.mark.slow  # real processes end to end (tens of seconds); make test-slow, run by CI
 def test_one_agent_spends_the_budget_and_resumes_trials(workdir, capsys):
     study = workdir / "s"
     proc = subprocess.run(agent_args(workdir, study), capture_output=True, text=True, timeout=300, env=env())

@@ -189,6 +189,7 @@ def _epochs_recorded(study: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # real processes end to end (tens of seconds); make test-slow, run by CI
 def test_sigkill_then_rerun_resumes_with_the_same_decisions(write_recipe, tmp_path, tune_here):
     # the uninterrupted reference runs in this process, the killed and resumed runs in real processes, all at one
     # torch thread (the one_thread fixture, cli_env), so that their float reductions agree

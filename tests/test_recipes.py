@@ -100,6 +100,7 @@ def test_docs_pages_link_to_existing_recipes(page):
         assert (ROOT / "docs" / target).resolve().exists(), target
 
 
+@pytest.mark.slow  # real processes end to end (tens of seconds); make test-slow, run by CI
 def test_agent_recipe_as_documented(tmp_path):
     """recipes/agent: the documented `lightning-fms agent ... -- python recipes/agent/finetune.py`, tiny budget."""
     study = tmp_path / "agent-study"
