@@ -7,10 +7,9 @@ import torch
 from lightning_fms.search.trial import TrialStatus
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.testing.concurrent import SequencedExecutor
+from lightning_fms.testing.small_study import decisions, study_space, tuner_for
 from lightning_fms.training.in_process import InProcessExecutor
 from lightning_fms.zoo import DigitsDataModule, ImageClassifier
-
-from .small_study import decisions, study_space, tuner_for
 
 
 def _inner(hub):

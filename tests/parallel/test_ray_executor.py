@@ -1,7 +1,7 @@
 """RayExecutor on a real Ray cluster on loopback: the executor contract, epochs at once, lost workers, set-up errors.
 
 One 2-worker executor on the session's cluster (tests/parallel/conftest.py) serves every test, so the workers are
-started (and their imports warmed) once; they train tests/parallel/ray_trials.py's classifier.
+started (and their imports warmed) once; they train lightning_fms/testing/ray_trials.py's classifier.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from lightning_fms.errors import FMSError
 from lightning_fms.parallel.protocol import Finished, is_concurrent
 from lightning_fms.parallel.ray_executor import STORAGE_MARKER, RayExecutor
 from lightning_fms.testing.executors import ExecutorContract
+from lightning_fms.testing.ray_cluster import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
 from lightning_fms.training.executor import EpochJob
-
-from .conftest import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
 
 CONFIG = {"hub": "cnn-s", "model.lr": 0.05, "model.dropout": 0.3}
 SLOW = {**CONFIG, "model.step_delay": 0.1}  # over a second an epoch: long enough to be killed in
@@ -166,7 +165,7 @@ LOCAL_CLUSTER = textwrap.dedent(
     import json, os, sys
     from lightning_fms.parallel.ray_executor import RayExecutor
     sys.path.insert(0, sys.argv[1])
-    from conftest import listening_addresses, process_tree
+    from lightning_fms.testing.ray_cluster import listening_addresses, process_tree
 
     executor = RayExecutor(lambda: None, workers=1, cpus_per_trial=0.5)  # a worker with nothing to train
     import ray

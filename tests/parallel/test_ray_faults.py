@@ -28,11 +28,10 @@ from lightning_fms.parallel.protocol import Finished
 from lightning_fms.parallel.ray_executor import RayExecutor
 from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.testing.executors import ExecutorContract
+from lightning_fms.testing.fault_trials import MY_NODES, epoch_executor, study_options
+from lightning_fms.testing.ray_cluster import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
+from lightning_fms.testing.ray_nodes import start_node
 from lightning_fms.training.executor import EpochJob
-
-from .conftest import RAY_TEST_ENVIRONMENT, is_loopback, listening_addresses
-from .fault_trials import MY_NODES, epoch_executor, study_options
-from .ray_nodes import start_node
 
 TESTS = Path(__file__).resolve().parents[1]  # the folder above this package (tests/ is not a package itself)
 REPO = TESTS.parent
@@ -254,7 +253,7 @@ class KilledDriver(threading.Thread):
     def __init__(self, address: str, hub_file: Path, folder: Path, budget: int = 6) -> None:
         super().__init__(daemon=True)
         self.study_dir, self.budget, self.log = folder / "s", budget, folder / "driver.log"
-        self.command = [sys.executable, "-m", f"{__package__}.fault_driver", address, str(hub_file)]
+        self.command = [sys.executable, "-m", "lightning_fms.testing.fault_driver", address, str(hub_file)]
         self.command += [str(self.study_dir), str(budget)]
         path = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
         self.env = {**os.environ, **RAY_TEST_ENVIRONMENT, "PYTHONPATH": path}

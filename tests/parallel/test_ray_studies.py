@@ -8,9 +8,8 @@ import torch
 from lightning_fms.parallel.ray_executor import RayExecutor
 from lightning_fms.search.trial import TrialStatus
 from lightning_fms.study.directory import StudyDirectory
-
-from .ray_trials import epoch_executor
-from .small_study import decisions, tuner_for
+from lightning_fms.testing.ray_trials import epoch_executor
+from lightning_fms.testing.small_study import decisions, tuner_for
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A study driver the fault tests run as a process of its own (and kill with -9): it attaches to a Ray cluster.
 
-    python -m parallel.fault_driver ADDRESS HUB_YAML STUDY_DIR BUDGET      (from tests/, or with it on the path)
+    python -m lightning_fms.testing.fault_driver ADDRESS HUB_YAML STUDY_DIR BUDGET
 
 It prints one JSON line with its workers' process ids once they are up, and one when the study is done.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import sys
 
-from lightning_fms import FMSTuner
 from lightning_fms.hub import ModelHub
 from lightning_fms.parallel.ray_executor import RayExecutor
-
-from .fault_trials import MY_NODES, epoch_executor, study_options
+from lightning_fms.testing.fault_trials import MY_NODES, epoch_executor, study_options
+from lightning_fms.tuner import FMSTuner
 
 
 def main(address: str, hub_yaml: str, study_dir: str, budget: int) -> None:
+    """Run the study on the cluster at ``address``, printing the workers' pids first and the epochs spent last."""
     hub = ModelHub.from_yaml(hub_yaml)
     executor = RayExecutor(
         epoch_executor(hub, step_delay=0.05),

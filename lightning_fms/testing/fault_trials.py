@@ -34,7 +34,7 @@ class FaultClassifier(ImageClassifier):
     def _trial_dir(self) -> Path:
         return Path(self.logger.save_dir)
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_epoch_start(self) -> None:  # noqa: D102 (the fault the trial's files ask for)
         epoch = self.current_epoch + 1
         folder = self._trial_dir()
         atomic_write_text(folder / f"pid-e{epoch}", f"{os.getpid()}\n")
@@ -43,7 +43,7 @@ class FaultClassifier(ImageClassifier):
             (folder / f"oom-e{epoch}-{attempts}").touch()
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a test's module)")
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):  # noqa: D102 (slowed down)
         time.sleep(self.step_delay)
         return super().training_step(batch, batch_idx)
 

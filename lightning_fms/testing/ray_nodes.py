@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conftest import RAY_TEST_ENVIRONMENT, process_tree, stop_processes
+from lightning_fms.testing.ray_cluster import RAY_TEST_ENVIRONMENT, process_tree, stop_processes
 
 NODE = textwrap.dedent(
     """

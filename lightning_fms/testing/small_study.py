@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from lightning_fms import FMSTuner, SearchSpace
+from lightning_fms.search.space import SearchSpace
+from lightning_fms.tuner import FMSTuner
 
 SPACE = {"hub": {"type": "hub"}, "model.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}
 ENTRIES = ["mlp-xs", "mlp-s"]
 
 
 def study_space() -> SearchSpace:
+    """The small study's space: a hub choice of two entries and a learning rate."""
     return SearchSpace.from_dict(SPACE, hub_entries=ENTRIES)
 
 

@@ -22,7 +22,7 @@ class SlowClassifier(ImageClassifier):
         super().__init__(*args, **kwargs)
         self.step_delay = step_delay
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):  # noqa: D102 (slowed down)
         time.sleep(self.step_delay)
         return super().training_step(batch, batch_idx)
 
