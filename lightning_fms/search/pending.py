@@ -12,9 +12,13 @@ curve so far, the weights it starts from) that joins the training rows with a ma
   surrogate is fitted once per draw and expected improvement is averaged over the draws. ``n`` fits.
 * ``"ignore"``: pending epochs are left out (what a single worker sees).
 
-Scores are in the searcher's units (larger is better). On the benchmark pools with 8 workers (docs/benchmarks.md,
-"Pending epochs") no strategy won on every task; the Kriging believer was never the worst of the three at 50 and
-100 epochs, which is why it is the default.
+Scores are in the searcher's units (larger is better). A made-up target is kept within the observed scores'
+range widened on each side by that range (at least 1, at least the largest magnitude): a posterior far from the
+data (an extrapolation, or an ill-conditioned fit) would otherwise hand the next fit a lie that no epoch ever
+scored, or one that overflows the fit's float32 targets (the one way found to the crash of a simulated 8-worker study,
+docs/benchmarks.md, "Simulated cluster"). On the benchmark pools with 8 workers (docs/benchmarks.md, "Pending
+epochs") no strategy won on every task; the Kriging believer was never the worst of the three at 50 and 100
+epochs, which is why it is the default.
 """
 
 from __future__ import annotations
@@ -68,9 +72,13 @@ def pending_targets(
         fantasies: Draws of ``"fantasies"``.
 
     Returns:
-        ``[K][n_pending]`` targets: ``K = fantasies`` for ``"fantasies"`` with a previous fit, else 1.
+        ``[K][n_pending]`` finite targets within ``[low - span, high + span]`` of the observed scores (``span``
+        their range, at least 1 and at least their largest magnitude): ``K = fantasies`` for ``"fantasies"`` with
+        a previous fit, else 1.
     """
     lie = float(min(observed))
+    low, high = lie, float(max(observed))
+    span = max(high - low, abs(low), abs(high), 1.0)
     if n_pending == 0:
         return [[]]
     if strategy == "constant_liar" or previous_posterior is None:
@@ -80,9 +88,13 @@ def pending_targets(
     std = np.sqrt(np.clip(variance.double().cpu().numpy(), 0.0, None))
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         return [[lie] * n_pending]
+
+    def bounded(values: np.ndarray) -> list[float]:
+        return np.clip(values, low - span, high + span).tolist()
+
     if strategy == "kriging_believer":
-        return [mean.tolist()]
+        return [bounded(mean)]
     if strategy == "fantasies":
         rng = np.random.default_rng(seed)
-        return [(mean + std * rng.standard_normal(n_pending)).tolist() for _ in range(fantasies)]
+        return [bounded(mean + std * rng.standard_normal(n_pending)) for _ in range(fantasies)]
     raise FMSError(f"unknown pending strategy {strategy!r} (expected one of {', '.join(PENDING_STRATEGIES)})")

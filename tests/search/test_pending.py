@@ -62,3 +62,14 @@ def test_a_claim_decides_with_the_epochs_in_flight_as_pending_rows(strategy):
     assert opt.decisions == [] or opt.decisions[-1]["decision"] < second.decision
     info = dict(opt.running[second.trial_id].decision.diagnostics)
     assert info.get("pending") == (None if strategy == "ignore" else 1.0)
+
+
+@pytest.mark.parametrize("strategy", ["kriging_believer", "fantasies"])
+def test_a_posterior_far_from_the_data_gives_bounded_finite_lies(strategy):
+    def runaway():  # an ill-conditioned fit extrapolating wildly: beyond float32 at one row, far below at the other
+        return torch.tensor([1e39, -1e12], dtype=torch.float64), torch.tensor([1e30, 0.0], dtype=torch.float64)
+
+    lies = pending_targets(strategy, [0.2, 0.6, 0.9], 2, runaway, seed=0, fantasies=3)
+    targets = torch.tensor([[0.2, 0.6, 0.9, *lie] for lie in lies], dtype=torch.float32)
+    assert bool(torch.isfinite(targets).all())
+    assert float(targets.max()) == pytest.approx(1.9) and float(targets.min()) == pytest.approx(-0.8)
