@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lightning_fms.search.optimizer import FreezeThawOptimizer
 from lightning_fms.search.searcher import build_searcher
 from lightning_fms.search.space import SearchSpace
+from lightning_fms.study.directory import StudyDirectory
 
 SCRIPT = '''
 """A user's fine-tuning script: argparse, a Trainer, and FMSCheckpointCallback() -- nothing else of FMS."""
@@ -100,7 +100,7 @@ def trained(workdir: Path) -> list[list]:
 
 
 def check_state(study: Path, budget: int = 6) -> dict:
-    state = torch.load(study / "state.pt", weights_only=True)
+    state = StudyDirectory(study).load_state()
     assert state["epochs_spent"] == budget
     assert not state.get("running")
     assert [d["epochs_spent"] for d in state["decisions"]] == list(range(1, budget + 1))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lightning_fms.agent import AgentSettings, StudyAgent
 from lightning_fms.cli import main
 from lightning_fms.hub import HubEntry, ModelHub, load_weights_file
+from lightning_fms.study.directory import StudyDirectory
 from lightning_fms.study.snapshots import DESCRIPTION_KEY
 from lightning_fms.training.executor import EpochOutcome
 from lightning_fms.weights.registry import FEATURIZERS
@@ -189,8 +190,8 @@ def agent(capsys, study: Path, budget: int, cap: int, weights: str, *command: st
 def assert_same_study(tuned: Path, agents: Path, budget: int) -> None:
     """Same decisions (trial, epoch, kind, value, in order), configurations and weights after every epoch."""
     key = lambda d: (d["decision"], d["kind"], d["trial"], d["epoch"], d["value"])  # noqa: E731
-    left = torch.load(tuned / "state.pt", weights_only=True)
-    right = torch.load(agents / "state.pt", weights_only=True)
+    left = StudyDirectory(tuned).load_state()
+    right = StudyDirectory(agents).load_state()
     assert [key(d) for d in right["decisions"]] == [key(d) for d in left["decisions"]]
     assert len(left["decisions"]) == budget and all(d["value"] == d["value"] for d in left["decisions"])
     assert [t["config"] for t in right["trials"]] == [t["config"] for t in left["trials"]]
@@ -223,7 +224,7 @@ def test_an_fms_study_with_a_hub_and_gmn_through_the_agent_is_the_tuners(in_work
     )  # fmt: skip
     assert summary["epochs_spent"] == summary["epochs_trained_here"] == budget
     assert_same_study(tmp_path / "tuned", tmp_path / "agents", budget)
-    state = torch.load(tmp_path / "agents" / "state.pt", weights_only=True)
+    state = StudyDirectory(tmp_path / "agents").load_state()
     assert state["agent"]["settings"]["weights"] == "gmn"
     assert any(d["kind"] == "resume" for d in state["decisions"])  # resumed trials continue in the script too
     # each hub entry's W_0 is described for later studies (what lightning-fms pretrain reads)
@@ -259,7 +260,7 @@ def test_weights_that_are_not_the_hub_network_stop_the_agent_in_one_line(in_work
     assert code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("lightning-fms: error:")]
     assert fragment in line and "Traceback" not in err
-    state = torch.load(study / "state.pt", weights_only=True)
+    state = StudyDirectory(study).load_state()
     assert state["epochs_spent"] == 0 and not state.get("running")  # the claimed epoch was given back
 
 
@@ -308,7 +309,7 @@ def test_every_featurizer_reads_the_hub_and_the_committed_weights_through_the_ag
         state = {k: v + 0.01 * (step + 1) for k, v in hub.build(claimed.config["model.backbone"]).state_dict().items()}
         outcome = EpochOutcome(value=0.5 + 0.1 * step, weights=state)
         ledger.commit(optimizer, claimed.trial_id, claimed.epoch, outcome, claimed=True)
-    final = torch.load(tmp_path / "s" / "state.pt", weights_only=True)
+    final = StudyDirectory(tmp_path / "s").load_state()
     assert final["epochs_spent"] == 4 and final["agent"]["settings"]["weights"] == weights
     assert ["acquisition" in d for d in final["decisions"]] == [False, False, True, True]  # fitted on the weights
     kept = sorted(p.name for p in (tmp_path / "s" / "weights").iterdir())

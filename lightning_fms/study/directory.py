@@ -5,7 +5,8 @@ Layout::
     <study_dir>/
       .lock              flock: held exclusively by ``lightning-fms tune``, shared by every ``lightning-fms agent``
       .agents.lock       flock: the agents' short critical section (load state → choose/record → save state)
-      state.pt           the authoritative state (tensors, lists, dicts, scalars; read with weights_only=True)
+      state.pt           the authoritative state (tensors, lists, dicts, scalars; read with weights_only=True;
+                         the decision log as blocks of JSON text, see lightning_fms.study.decision_blocks)
       study.json         the same state as readable JSON (informational, rewritten with state.pt)
       results.json, trajectory.csv, regret.png
       best.ckpt          checkpoint of the best epoch so far
@@ -32,6 +33,7 @@ import torch
 
 from lightning_fms.atomic import atomic_output, atomic_write_text, sha256_file
 from lightning_fms.errors import CheckpointError, FMSError, StudyLockedError
+from lightning_fms.study.decision_blocks import BLOCKS_KEY, DECISIONS_KEY, DecisionBlocks, decode_decisions
 
 __all__ = ["StudyDirectory"]
 
@@ -51,6 +53,7 @@ class StudyDirectory:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
         self._lock_handle: IO[str] | None = None
+        self._decision_blocks = DecisionBlocks()
 
     # ------------------------------------------------------------------ locks
     def _open_lock(self) -> IO[str]:
@@ -133,8 +136,11 @@ class StudyDirectory:
         so a caller that saves many times a second may write it less often (see
         :attr:`~lightning_fms.study.ledger.StudyLedger.report_interval_s`).
         """
+        stored = dict(state)
+        if DECISIONS_KEY in stored:  # blocks of JSON text, the unchanged ones written once (study/decision_blocks.py)
+            stored[BLOCKS_KEY] = self._decision_blocks.encode(stored.pop(DECISIONS_KEY))
         with atomic_output(self.path / self.STATE_FILE) as tmp:
-            torch.save(state, tmp)
+            torch.save(stored, tmp)
         if readable:
             self.save_readable(state)
 
@@ -153,7 +159,10 @@ class StudyDirectory:
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and BLOCKS_KEY in state:
+                state[DECISIONS_KEY] = decode_decisions(state.pop(BLOCKS_KEY))
+            return state
         except pickle.UnpicklingError:
             raise CheckpointError(f"refused to load {path}: it contains pickled code") from None
         except Exception as error:
