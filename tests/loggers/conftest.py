@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 
 _BLOCK = 32768  # bytes per block of the log
 _HEADER = 7  # bytes of the file header and of each chunk header
@@ -68,6 +69,8 @@ def _records(path: Path) -> Iterator[Any]:
             pos += room
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + _HEADER + length > len(data):  # a chunk the service is still writing
+            break
         chunk, pos = data[pos + _HEADER : pos + _HEADER + length], pos + _HEADER + length
         if kind == _FULL:
             yield pb.Record.FromString(chunk)
@@ -93,8 +96,11 @@ def _read_runs(root: Path, timeout: float = 30.0) -> list[dict[str, Any]]:
     paths = sorted(glob.glob(str(Path(root) / "**" / "offline-run-*" / "run-*.wandb"), recursive=True))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(any(r.WhichOneof("record_type") == "exit" for r in _records(p)) for p in paths):
-            break
+        try:
+            if all(any(r.WhichOneof("record_type") == "exit" for r in _records(p)) for p in paths):
+                break
+        except DecodeError:  # read while the service was writing a record: not finished yet
+            pass
         time.sleep(0.2)
     runs = []
     for path in paths:
