@@ -30,14 +30,14 @@ class DecisionBlocks:
     """Encodes a growing decision log, reusing the text of the blocks that did not change."""
 
     def __init__(self) -> None:
-        self._complete: list[tuple[list[dict[str, Any]], str]] = []  # (decisions, their JSON), one per full block
+        self._complete: dict[int, tuple[list[dict[str, Any]], str]] = {}  # block index -> (its decisions, JSON)
 
     def encode(self, decisions: Sequence[dict[str, Any]]) -> list[str | list[dict[str, Any]]]:
         """The blocks of ``decisions``: a JSON array each (a plain list where a value is not JSON)."""
         blocks: list[str | list[dict[str, Any]]] = []
         for block_index, start in enumerate(range(0, len(decisions), BLOCK_SIZE)):
-            block = [dict(d) for d in decisions[start : start + BLOCK_SIZE]]
-            cached = self._complete[block_index] if block_index < len(self._complete) else None
+            block = list(decisions[start : start + BLOCK_SIZE])
+            cached = self._complete.get(block_index)
             if cached is not None and cached[0] == block:
                 blocks.append(cached[1])
                 continue
@@ -46,9 +46,8 @@ class DecisionBlocks:
             except (TypeError, ValueError):
                 blocks.append(block)
                 continue
-            if len(block) == BLOCK_SIZE:
-                del self._complete[block_index:]
-                self._complete.append((block, text))
+            if len(block) == BLOCK_SIZE:  # kept as copies: the caller's dicts may change later
+                self._complete[block_index] = ([dict(d) for d in block], text)
             blocks.append(text)
         return blocks
 
